@@ -1,0 +1,104 @@
+"""Build, load and evaluate MadMiner estimators by ``training.estimator`` name.
+
+madminer 0.9.6's ``load_estimator`` cannot restore morphing-aware estimators (their settings say
+``parameterized_ratio``), and its AsymptoticLimits ``ml`` mode only evaluates single-parameterized
+ratio and likelihood estimators. :func:`load` restores every estimator this project trains from
+``model.json``; :class:`Limits` adds the double-parameterized case to AsymptoticLimits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.io import read_json
+
+CLASSES = {
+    "parameterized": "ParameterizedRatioEstimator",
+    "double_parameterized": "DoubleParameterizedRatioEstimator",
+    "morphing_aware": "MorphingAwareRatioEstimator",
+    "quadratic_morphing_aware": "QuadraticMorphingAwareRatioEstimator",
+    "score": "ScoreEstimator",
+    "likelihood": "LikelihoodEstimator",
+}
+
+
+def build(training_cfg, data_path: Path):
+    """A fresh, untrained estimator for ``training.estimator``."""
+    from madminer import ml
+
+    t = training_cfg
+    kind = getattr(t.estimator, "value", t.estimator)
+    net = dict(n_hidden=tuple(t.n_hidden), activation=getattr(t.activation, "value", t.activation))
+    if kind == "likelihood":
+        return ml.LikelihoodEstimator(n_mades=t.n_mades, n_components=t.n_components, **net)
+    net["dropout_prob"] = t.dropout_prob
+    if kind == "morphing_aware":
+        return ml.MorphingAwareRatioEstimator(morphing_setup_filename=str(data_path), **net)
+    return getattr(ml, CLASSES[kind])(**net)
+
+
+def load(model_dir: Path):
+    """The trained estimator (or Ensemble) saved in ``model_dir`` by the train stage."""
+    from madminer import ml
+
+    meta = read_json(Path(model_dir) / "model.json")
+    cls = getattr(ml, CLASSES[meta["estimator"]])
+    if meta["n_estimators"] > 1:
+        folder = Path(model_dir) / meta["model_name"]
+        members = []
+        for i in range(meta["n_estimators"]):
+            member = cls()
+            member.load(str(folder / f"estimator_{i}"))
+            members.append(member)
+        return ml.Ensemble(members)
+    estimator = cls()
+    estimator.load(str(Path(model_dir) / meta["model_name"]))
+    return estimator
+
+
+@contextmanager
+def madminer_loads_from(model_dir: Path):
+    """Let MadMiner's AsymptoticLimits / FisherInformation load the model through :func:`load`."""
+    import madminer.fisherinformation.information as information
+    import madminer.limits.asymptotic_limits as asymptotic_limits
+
+    modules = [m for m in (asymptotic_limits, information) if hasattr(m, "load_estimator")]
+    originals = [m.load_estimator for m in modules]
+    for m in modules:
+        m.load_estimator = lambda _filename: load(model_dir)
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.load_estimator = original
+
+
+def limits_class():
+    """AsymptoticLimits that also evaluates double-parameterized ratio estimators in ``ml`` mode."""
+    from madminer.limits import AsymptoticLimits
+    from madminer.ml import DoubleParameterizedRatioEstimator, Ensemble
+
+    class Limits(AsymptoticLimits):
+        def _calculate_log_likelihood_ratio_kinematics(self, x_observed, theta_grid, model, theta1=None):
+            double = isinstance(model, DoubleParameterizedRatioEstimator) or (
+                isinstance(model, Ensemble) and model.estimator_type == "double_parameterized_ratio"
+            )
+            if not double:
+                return super()._calculate_log_likelihood_ratio_kinematics(
+                    x_observed, theta_grid, model, theta1
+                )
+            import numpy as np
+
+            # log r(x | theta, theta_ref) for a fixed reference: differences over the grid do not depend on it.
+            reference = (
+                np.zeros_like(theta_grid) if theta1 is None else np.broadcast_to(theta1, theta_grid.shape)
+            )
+            kwargs = dict(
+                x=x_observed, theta0=theta_grid, theta1=np.array(reference), test_all_combinations=True
+            )
+            if isinstance(model, Ensemble):
+                kwargs["calculate_covariance"] = False
+            return model.evaluate_log_likelihood_ratio(**kwargs)[0]
+
+    return Limits

@@ -1,0 +1,70 @@
+"""The one table: MadMiner method -> sampling kind, estimators, training inputs, own limit mode.
+
+Sampling, training, evaluation and config checks all read this table; nothing else lists methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RATIO_ESTIMATORS = ("parameterized", "double_parameterized", "morphing_aware", "quadratic_morphing_aware")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "ratio" | "score" | "density"
+    sampling: str  # the sampling kind it trains on: "ratio" | "local" | "density"
+    estimators: tuple[str, ...]  # allowed estimators
+    needs_r_xz: bool
+    needs_t_xz: bool
+    limit_mode: str  # the AsymptoticLimits mode that uses the trained model
+
+    def check_estimator(self, estimator: str) -> None:
+        from app.errors import UserError
+
+        if estimator not in self.estimators:
+            raise UserError(
+                f"training.estimator={estimator} cannot train method {self.name}; "
+                f"use one of: {', '.join(self.estimators)}"
+            )
+
+
+def _ratio(name: str, r_xz: bool, t_xz: bool) -> Method:
+    return Method(name, "ratio", "ratio", RATIO_ESTIMATORS, r_xz, t_xz, "ml")
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _ratio("carl", r_xz=False, t_xz=False),
+        _ratio("rolr", r_xz=True, t_xz=False),
+        _ratio("alice", r_xz=True, t_xz=False),
+        _ratio("rascal", r_xz=True, t_xz=True),
+        _ratio("cascal", r_xz=False, t_xz=True),
+        _ratio("alices", r_xz=True, t_xz=True),
+        Method("sally", "score", "local", ("score",), False, True, "sally"),
+        Method("sallino", "score", "local", ("score",), False, True, "sallino"),
+        Method("nde", "density", "density", ("likelihood",), False, False, "ml"),
+        Method("scandal", "density", "density", ("likelihood",), False, True, "ml"),
+    )
+}
+
+# Limit modes that need a trained model of a given family.
+MODEL_MODES = {
+    "ml": ("ratio", "density"),
+    "sally": ("score",),
+    "sallino": ("score",),
+    "adaptive-sally": ("score",),
+}
+
+
+def get_method(name: str) -> Method:
+    from app.errors import UserError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown training.method={name}; choose a preset with training=NAME, one of: {', '.join(METHODS)}"
+        ) from None

@@ -1,0 +1,169 @@
+"""Run the requested stages for one composed config and return the objective.
+
+``config -> stage function -> files in the run dir``: the stages are plain functions; this module
+only chooses which to run, times them, reports progress and picks the objective metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from app.errors import UserError
+
+log = logging.getLogger("app")
+
+STAGES = ("sample", "train", "evaluate", "plot")
+GROUPS = ("experiment", "data", "sampling", "training", "evaluation", "tracking", "hparams_search")
+
+
+def run(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    _quiet_libraries(cfg.verbose)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(cfg.paths.output_dir)
+    stage = getattr(cfg.stage, "value", cfg.stage)
+    stages = STAGES if stage == "all" else (stage,)
+    choices = hydra_cfg.runtime.choices
+    shown = [f"{g}={choices[g]}" for g in GROUPS if choices.get(g) is not None]
+    log.info("madminer-sweeper | %s", " ".join(shown))
+    log.info("stages: %s | output dir: %s", " -> ".join(stages), out_dir)
+
+    from app import datafile
+    from app.validate import check_config
+
+    with _timed("data"):
+        info = datafile.resolve(cfg.data, cfg.paths.cache_dir)
+        method = check_config(cfg, info)
+    log.info(
+        "data: %s (%d events; parameters %s; observables %s)",
+        info.path,
+        info.n_events,
+        ", ".join(info.parameters),
+        ", ".join(info.observables),
+    )
+
+    from app.io import update_json
+    from app.stages import evaluate, plot, sample, train
+
+    samples = model = results = None
+    metrics: dict = {}
+    if "sample" in stages:
+        with _timed("sample"):
+            samples = sample.run(cfg, method, info, out_dir)
+    if "train" in stages:
+        if samples is None:
+            if not cfg.sampling.samples_dir:
+                raise UserError(
+                    "stage=train needs training samples; set sampling.samples_dir=<an earlier run>/samples "
+                    "(or run stage=all)"
+                )
+            samples = sample.load(Path(cfg.sampling.samples_dir), method)
+        with _timed("train"), _progress(cfg.training.n_epochs) as on_epoch:
+            model = train.run(cfg, method, info, samples.samples_dir, out_dir, on_epoch=on_epoch)
+        metrics.update(model.metrics)
+        if stage == "train":
+            update_json(out_dir / "results" / "metrics.json", model.metrics)
+    if "evaluate" in stages:
+        if model is None:
+            if not cfg.training.model_dir:
+                raise UserError(
+                    "stage=evaluate needs a trained model; set training.model_dir=<an earlier run>/model "
+                    "(or run stage=all)"
+                )
+            model = train.load(Path(cfg.training.model_dir), method)
+        with _timed("evaluate"):
+            results = evaluate.run(cfg, method, info, model.model_file, out_dir, train_metrics=model.metrics)
+        metrics = results.metrics
+    if "plot" in stages:
+        if results is None:
+            if not cfg.evaluation.results_dir:
+                raise UserError(
+                    "stage=plot needs evaluation results; set evaluation.results_dir=<an earlier run>/results"
+                )
+            results = evaluate.load(Path(cfg.evaluation.results_dir))
+            metrics = results.metrics
+        model_dir = (
+            model.model_dir if model else (Path(cfg.training.model_dir) if cfg.training.model_dir else None)
+        )
+        with _timed("plot"):
+            plot.run(results.results_dir, model_dir, out_dir, list(info.parameters))
+
+    objective = _objective(cfg, metrics)
+    _summary(cfg, out_dir, metrics, objective)
+    return objective
+
+
+def _objective(cfg: DictConfig, metrics: dict) -> float | None:
+    name = cfg.objective.metric
+    if not metrics:
+        return None
+    if name not in metrics:
+        scalars = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        raise UserError(
+            f"objective.metric={name} is not a metric of this run; choose one of: {', '.join(scalars)}"
+        )
+    return float(metrics[name])
+
+
+def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: float | None) -> None:
+    log.info("outputs: %s/{samples,model,results,plots}", out_dir)
+    keys = ["train_loss", "val_loss"] + sorted(k for k in metrics if k.endswith(("cl68_fraction", "_det")))
+    shown = [f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
+    if shown:
+        log.info("metrics: %s", " ".join(shown))
+    if objective is not None:
+        log.info("objective %s = %.6g (%s)", cfg.objective.metric, objective, cfg.objective.direction.value)
+    if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
+        log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1", cfg.tracking.uri)
+
+
+@contextmanager
+def _timed(name: str):
+    start = time.perf_counter()
+    yield
+    log.info("stage %-8s done in %6.1f s", name, time.perf_counter() - start)
+
+
+@contextmanager
+def _progress(n_epochs: int):
+    """Per-epoch progress: a bar on a terminal, one plain line per epoch in logs and CI."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_epochs, desc="train", unit="epoch", leave=False)
+
+        def on_epoch(epoch, total, train_loss, val_loss):
+            if epoch == 1 and bar.n:
+                bar.reset()
+            bar.update(1)
+            bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
+
+        try:
+            yield on_epoch
+        finally:
+            bar.close()
+        return
+
+    def on_epoch(epoch, total, train_loss, val_loss):
+        val = "" if val_loss is None else f" val_loss={val_loss:.5f}"
+        log.info("epoch %3d/%d train_loss=%.5f%s", epoch, total, train_loss, val)
+
+    yield on_epoch
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """MadMiner's chatter stays at WARNING (and its NumPy warnings hidden) unless verbose=true."""
+    import warnings
+
+    logging.getLogger("madminer").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in ("matplotlib", "h5py", "numexpr"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="madminer")

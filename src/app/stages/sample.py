@@ -1,0 +1,127 @@
+"""Sampling stage: draw training samples from the MadMiner file with MadMiner's SampleAugmenter.
+
+Writes MadMiner's .npy files (x_train.npy, theta0_train.npy, r_xz_train.npy, ...) plus
+``samples.json`` (what was drawn, and from which file) into ``<run>/samples`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from app.datafile import FileInfo
+from app.errors import UserError
+from app.io import atomic_dir, read_json, write_json
+from app.methods import Method
+
+log = logging.getLogger(__name__)
+
+FILENAME = "train"  # madminer's file suffix: x_train.npy, theta0_train.npy, ...
+
+
+@dataclass
+class SampleResult:
+    samples_dir: Path
+    n_samples: int
+    n_effective: float | None
+    reused: bool = False
+
+
+def to_madminer_theta(spec: DictConfig):
+    """Map a theta spec onto madminer.sampling's helper of the same name."""
+    from madminer import sampling
+
+    kind = getattr(spec.type, "value", spec.type)
+    if kind == "benchmark":
+        return sampling.benchmark(spec.name)
+    if kind == "benchmarks":
+        return sampling.benchmarks(list(spec.names))
+    if kind == "morphing_point":
+        return sampling.morphing_point(list(spec["values"]))
+    if kind == "morphing_points":
+        return sampling.morphing_points([list(v) for v in spec["values"]])
+    if kind == "random_morphing_points":
+        priors = [tuple(p) for p in OmegaConf.to_container(spec.priors)]
+        return sampling.random_morphing_points(spec.n, priors)
+    raise UserError(f"unknown theta type {kind}")
+
+
+def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> SampleResult:
+    """Sample training data for ``method`` (or reuse ``sampling.samples_dir``)."""
+    s = cfg.sampling
+    if s.samples_dir:
+        return load(Path(s.samples_dir), method)
+
+    import numpy as np
+    from madminer.sampling import SampleAugmenter
+
+    np.random.seed(s.seed)
+    augmenter = SampleAugmenter(str(info.path), include_nuisance_parameters=s.include_nuisance)
+    common = dict(
+        n_samples=s.n_samples,
+        sample_only_from_closest_benchmark=s.sample_only_from_closest_benchmark,
+        test_split=s.test_split,
+        validation_split=s.validation_split,
+        partition="train",
+        n_processes=s.n_processes,
+        filename=FILENAME,
+    )
+    target = out_dir / "samples"
+    with atomic_dir(target) as tmp:
+        common["folder"] = str(tmp)
+        estimator = getattr(cfg.training.estimator, "value", cfg.training.estimator)
+        if method.sampling == "ratio" and estimator == "double_parameterized":
+            result = augmenter.sample_train_more_ratios(
+                theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+            )
+        elif method.sampling == "ratio":
+            result = augmenter.sample_train_ratio(
+                theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+            )
+        elif method.sampling == "local":
+            result = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
+        else:
+            result = augmenter.sample_train_density(theta=to_madminer_theta(s.theta), **common)
+        x, n_effective = result[0], result[-1]
+        write_json(
+            tmp / "samples.json",
+            {
+                "kind": method.sampling,
+                "estimator": estimator,
+                "method": method.name,
+                "n_samples": int(x.shape[0]),
+                "n_effective": float(np.min(n_effective)),
+                "data_path": str(info.path),
+                "parameters": list(info.parameters),
+                "observables": list(info.observables),
+                "sampling": OmegaConf.to_container(s, resolve=True, enum_to_str=True),
+            },
+        )
+    log.info("sampled %d training samples into %s", x.shape[0], target)
+    return SampleResult(target, int(x.shape[0]), float(np.min(n_effective)))
+
+
+def load(samples_dir: Path, method: Method) -> SampleResult:
+    """Use samples of an earlier run; they must be of the kind ``method`` trains on."""
+    meta_file = samples_dir / "samples.json"
+    if not meta_file.is_file():
+        raise UserError(
+            f"no samples in {samples_dir} (samples.json missing); run the sample stage first or set "
+            "sampling.samples_dir=<an earlier run>/samples"
+        )
+    meta = read_json(meta_file)
+    if meta["kind"] != method.sampling:
+        raise UserError(
+            f"{samples_dir} holds sampling={meta['kind']} samples but training={method.name} needs "
+            f"sampling={method.sampling}; point sampling.samples_dir at matching samples"
+        )
+    return SampleResult(samples_dir, meta["n_samples"], meta.get("n_effective"), reused=True)
+
+
+def arrays(samples_dir: Path) -> dict[str, Path]:
+    """MadMiner .npy files of a samples folder by their name (x, theta0, r_xz, ...)."""
+    suffix = f"_{FILENAME}.npy"
+    return {p.name[: -len(suffix)]: p for p in sorted(samples_dir.glob(f"*{suffix}"))}

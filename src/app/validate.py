@@ -1,0 +1,172 @@
+"""Checks that need the data file: run before any stage work, each failure a one-line UserError."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from app.datafile import FileInfo
+from app.errors import UserError
+from app.methods import MODEL_MODES, Method, get_method
+
+
+def check_config(cfg: DictConfig, info: FileInfo) -> Method:
+    method = get_method(cfg.training.method)
+    estimator = _value(cfg.training.estimator)
+    method.check_estimator(estimator)
+    kind = _value(cfg.sampling.kind)
+    if kind != method.sampling:
+        raise UserError(
+            f"training={method.name} trains on sampling={method.sampling} samples but sampling={kind} was chosen; "
+            f"drop the sampling override (the training preset selects sampling={method.sampling})"
+        )
+    if estimator == "quadratic_morphing_aware" and info.n_parameters != 1:
+        raise UserError(
+            f"training.estimator=quadratic_morphing_aware supports exactly 1 parameter but {info.path.name} has "
+            f"{info.n_parameters} ({', '.join(info.parameters)}); use a 1-parameter file (data.n_parameters=1 for "
+            "the toy) or another estimator"
+        )
+    if estimator == "morphing_aware" and not info.has_morphing:
+        raise UserError(f"training.estimator=morphing_aware needs a morphing setup, {info.path} has none")
+
+    _positive("sampling.n_samples", cfg.sampling.n_samples)
+    _positive("training.n_epochs", cfg.training.n_epochs)
+    _positive("training.batch_size", cfg.training.batch_size)
+    _positive("training.n_estimators", cfg.training.n_estimators)
+    _positive("evaluation.luminosity", cfg.evaluation.luminosity)
+    _positive("evaluation.n_test_samples", cfg.evaluation.n_test_samples)
+    _fraction("sampling.test_split", cfg.sampling.test_split, allow_zero=False)
+    _fraction("sampling.validation_split", cfg.sampling.validation_split, allow_zero=True)
+    if cfg.sampling.test_split + cfg.sampling.validation_split >= 1:
+        raise UserError("sampling.test_split + sampling.validation_split must be < 1; lower one of them")
+    _fraction("training.validation_split", cfg.training.validation_split, allow_zero=True)
+    if cfg.training.n_workers < 0:
+        raise UserError("training.n_workers must be >= 0 (0 = load batches in the main process)")
+
+    for key in ("theta0", "theta1") if kind == "ratio" else ("theta",):
+        if cfg.sampling[key] is None:
+            raise UserError(
+                f"sampling={kind} needs sampling.{key} (a theta spec such as {{type: benchmark, name: sm}})"
+            )
+        check_theta(cfg.sampling[key], info, f"sampling.{key}")
+
+    ev = cfg.evaluation
+    if ev.theta_true is not None and len(ev.theta_true) != info.n_parameters:
+        raise UserError(
+            f"evaluation.theta_true has {len(ev.theta_true)} values but {info.path.name} has {info.n_parameters} "
+            f"parameters ({', '.join(info.parameters)}); give one value per parameter"
+        )
+    if ev.grid.ranges is not None:
+        if len(ev.grid.ranges) != info.n_parameters or any(
+            len(r) != 2 or r[0] >= r[1] for r in ev.grid.ranges
+        ):
+            raise UserError(
+                f"evaluation.grid.ranges must be {info.n_parameters} pairs [min, max] with min < max "
+                f"(one per parameter: {', '.join(info.parameters)})"
+            )
+    resolutions = _plain(ev.grid.resolutions)
+    res_list = resolutions if isinstance(resolutions, list) else [resolutions]
+    if not all(isinstance(r, int) and r >= 2 for r in res_list) or (
+        isinstance(resolutions, list) and len(resolutions) != info.n_parameters
+    ):
+        raise UserError(
+            "evaluation.grid.resolutions must be an int >= 2 or one such int per parameter "
+            f"({info.n_parameters} here)"
+        )
+    for var in ev.hist_vars or []:
+        _observable(var, info, "evaluation.hist_vars")
+    if ev.fisher.observable is not None:
+        _observable(ev.fisher.observable, info, "evaluation.fisher.observable")
+    include = _plain(ev.include_xsec)
+    if not (
+        isinstance(include, bool)
+        or (isinstance(include, list) and include and all(isinstance(v, bool) for v in include))
+    ):
+        raise UserError("evaluation.include_xsec must be true, false or a list such as [true,false]")
+    for mode in limit_modes(cfg, method):
+        families = MODEL_MODES.get(mode)
+        if families and method.family not in families:
+            raise UserError(
+                f"evaluation mode {mode} needs a {' or '.join(families)} model but training={method.name} trains a "
+                f"{method.family} model; use mode {method.limit_mode} (or leave evaluation.modes=null)"
+            )
+    return method
+
+
+def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:
+    kind = _value(spec.type)
+    n = info.n_parameters
+    if kind == "benchmark":
+        _benchmark(spec.name, info, f"{key}.name")
+    elif kind == "benchmarks":
+        if not spec.names:
+            raise UserError(f"{key}.names must list benchmark names for type=benchmarks")
+        for name in spec.names:
+            _benchmark(name, info, f"{key}.names")
+    elif kind in ("morphing_point", "morphing_points"):
+        values = _plain(spec["values"])
+        points = [values] if kind == "morphing_point" else values
+        if not isinstance(points, list) or not points:
+            raise UserError(
+                f"{key}.values must be a list of {'numbers' if kind == 'morphing_point' else 'points'}"
+            )
+        for point in points:
+            if not isinstance(point, list) or len(point) != n:
+                raise UserError(
+                    f"{key}.values: point {point} has the wrong number of parameters; {info.path.name} has {n} "
+                    f"({', '.join(info.parameters)}), give one value per parameter"
+                )
+    elif kind == "random_morphing_points":
+        if spec.n is None or spec.n <= 0:
+            raise UserError(f"{key}.n must be a positive number of random theta points")
+        priors = _plain(spec.priors)
+        if not isinstance(priors, list) or len(priors) != n:
+            got = len(priors) if isinstance(priors, list) else 0
+            raise UserError(
+                f"{key}.priors has {got} entries but {info.path.name} has {n} parameters "
+                f"({', '.join(info.parameters)}); give one [gaussian, mean, std] or [flat, min, max] per parameter"
+            )
+        for prior in priors:
+            if not (isinstance(prior, list) and len(prior) == 3 and prior[0] in ("gaussian", "flat")):
+                raise UserError(
+                    f"{key}.priors entry {prior} must be [gaussian, mean, std] or [flat, min, max]"
+                )
+
+
+def limit_modes(cfg: DictConfig, method: Method) -> list[str]:
+    modes = cfg.evaluation.modes
+    if modes is None:
+        return ["rate", "histo", method.limit_mode]
+    return [_value(m) for m in modes]
+
+
+def _benchmark(name, info: FileInfo, key: str) -> None:
+    if name not in info.benchmarks:
+        raise UserError(
+            f"{key}: benchmark {name!r} is not in {info.path.name}; available: {', '.join(info.benchmarks)}"
+        )
+
+
+def _observable(name: str, info: FileInfo, key: str) -> None:
+    if name not in info.observables:
+        raise UserError(
+            f"{key}: observable {name!r} is not in {info.path.name}; available: {', '.join(info.observables)}"
+        )
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value <= 0:
+        raise UserError(f"{key} must be positive, got {value}; set {key}=<a positive number>")
+
+
+def _fraction(key: str, value: float, allow_zero: bool) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value < 1):
+        raise UserError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value}")
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _value(v):
+    return getattr(v, "value", v)

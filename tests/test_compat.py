@@ -1,0 +1,55 @@
+"""The NumPy >= 1.24 shim for madminer's histogramdd(normed=...) calls."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from app import compat
+
+
+@pytest.fixture
+def unpatched():
+    """The madminer histogram modules with the real numpy, restored to the shim afterwards."""
+    modules = [importlib.import_module(name) for name in compat.PATCHED_MODULES]
+    saved = [m.np for m in modules]
+    for m in modules:
+        m.np = np
+    yield modules
+    for m, value in zip(modules, saved):
+        m.np = value
+
+
+def test_madminer_histograms_fail_without_the_shim_and_work_with_it(unpatched):
+    from madminer.utils.histo import Histo
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 1))
+    weights = rng.uniform(size=500)
+    assert compat.needed(), "this NumPy still accepts normed=: the shim would be unnecessary"
+    with pytest.raises(TypeError, match="normed"):
+        Histo(x, weights, bins=[5])
+
+    assert compat.apply() == list(compat.PATCHED_MODULES)
+    histo = Histo(x, weights, bins=[5])
+    probs = histo.log_likelihood(x)
+    assert np.all(np.isfinite(probs))
+    assert compat.apply() == list(compat.PATCHED_MODULES)  # idempotent
+
+
+def test_shim_only_touches_madminer_modules(unpatched):
+    compat.apply()
+    assert np.histogramdd is not compat.histogramdd  # numpy itself is untouched
+    for module in unpatched:
+        assert module.np.histogramdd is compat.histogramdd
+        assert module.np.sum is np.sum  # everything else is plain numpy
+
+
+def test_shim_translates_normed_to_density():
+    sample = np.arange(10.0).reshape(-1, 1)
+    counts, _ = compat.histogramdd(sample, bins=[2], range=[(0, 10)], normed=False)
+    density, _ = compat.histogramdd(sample, bins=[2], range=[(0, 10)], normed=True)
+    assert counts.tolist() == [5.0, 5.0]
+    assert np.isclose(density.sum() * 5.0, 1.0)

@@ -1,0 +1,146 @@
+"""End to end through the real CLI, on a small toy and (when ../shared exists) the physics sample."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TINY
+
+RATIO_FILES = {"x", "theta0", "theta1", "y", "r_xz", "t_xz"}
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results" / "metrics.json").read_text())
+
+
+def _check_outputs(run_dir: Path, *limit_keys: str) -> dict:
+    metrics = _metrics(run_dir)
+    assert (run_dir / "model" / "model.json").exists()
+    assert np.isfinite(metrics["val_loss"]) and np.isfinite(metrics["train_loss"])
+    assert len(metrics["loss_history"]) == metrics["n_epochs_trained"] >= 1
+    for key in limit_keys:
+        assert 0.0 <= metrics[f"limits_{key}_cl68_fraction"] <= 1.0
+        assert metrics[f"limits_{key}_best_fit_distance"] >= 0.0
+        assert (run_dir / "results" / f"p_values_{key}.npy").exists()
+        assert (run_dir / "plots" / f"pvalues_{key}.png").exists()
+    assert "fisher_rate_det" in metrics and "fisher_histo_det" in metrics
+    for plot in ("limits.png", "training_curves.png"):
+        assert (run_dir / "plots" / plot).stat().st_size > 1000
+    leftovers = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
+    assert not leftovers, leftovers
+    return metrics
+
+
+@pytest.mark.parametrize(
+    "args,limit_keys",
+    [
+        (["training=alices"], ["rate", "histo", "ml"]),
+        (["training=carl", "training.estimator=double_parameterized"], ["ml"]),
+        (["training=rascal", "training.estimator=morphing_aware", "training.n_estimators=2"], ["ml"]),
+        (["training=sally"], ["sally"]),
+        (["training=sallino"], ["sallino"]),
+        (["training=nde", "training.n_mades=2"], ["ml"]),
+        (["training=scandal", "training.n_mades=2"], ["ml"]),
+    ],
+    ids=["alices", "carl-double", "rascal-morphing-ensemble", "sally", "sallino", "nde", "scandal"],
+)
+def test_method_families_end_to_end(run_app, tmp_path, args, limit_keys):
+    proc = run_app(*args, *TINY)
+    run_dir = tmp_path / "run"
+    metrics = _check_outputs(run_dir, *limit_keys)
+    assert "objective val_loss" in proc.out and "stage train" in proc.out and "epoch   1/2" in proc.out
+    if "training=sally" in args:
+        assert "fisher_full_det" in metrics and (run_dir / "plots" / "score_vs_joint.png").exists()
+    if "training=alices" in args:
+        assert (run_dir / "plots" / "log_r_vs_joint.png").exists()
+        assert RATIO_FILES <= {
+            p.name[: -len("_train.npy")] for p in (run_dir / "samples").glob("*_train.npy")
+        }
+
+
+def test_quadratic_morphing_aware_on_one_parameter_toy(run_app, tmp_path):
+    run_app(
+        "training=alices",
+        "training.estimator=quadratic_morphing_aware",
+        *TINY,
+        "data.n_parameters=1",
+        "sampling.theta0.priors=[[flat,-10,10]]",
+    )
+    metrics = _check_outputs(tmp_path / "run", "ml")
+    assert np.load(tmp_path / "run" / "results" / "grid.npy").shape[1] == 1
+    assert metrics["limits_ml_cl68_fraction"] > 0
+
+
+def test_stages_run_alone_from_given_inputs(run_app, tmp_path):
+    first, second, third, fourth = (tmp_path / n for n in ("s", "t", "e", "p"))
+    run_app("stage=sample", *TINY, run_dir=first)
+    assert (first / "samples" / "x_train.npy").exists() and not (first / "model").exists()
+    run_app("stage=train", *TINY, f"sampling.samples_dir={first}/samples", run_dir=second)
+    assert (second / "model" / "model.json").exists() and not (second / "samples").exists()
+    assert "val_loss" in _metrics(second)
+    run_app("stage=evaluate", *TINY, f"training.model_dir={second}/model", run_dir=third)
+    assert "limits_ml_cl68_fraction" in _metrics(third) and not (third / "plots").exists()
+    run_app(
+        "stage=plot",
+        *TINY,
+        f"evaluation.results_dir={third}/results",
+        f"training.model_dir={second}/model",
+        run_dir=fourth,
+    )
+    assert (fourth / "plots" / "limits.png").exists() and (fourth / "plots" / "training_curves.png").exists()
+
+
+def test_evaluation_uses_only_test_partition_events(run_app, tmp_path, cache_dir):
+    run_app("training=alices", *TINY, "sampling.test_split=0.3", "sampling.validation_split=0.2")
+    run_dir = tmp_path / "run"
+    toy = json.loads((run_dir / "samples" / "samples.json").read_text())["data_path"]
+    with h5py.File(toy, "r") as f:
+        events = f["samples/observations"][()].astype(np.float32)  # MadMiner samples in single precision
+    n = len(events)
+    # MadMiner's partitions: train = first 50 %, validation = next 20 %, test = last 30 %
+    train_rows = {tuple(r) for r in events[: int(round(0.5 * n))]}
+    test_rows = {tuple(r) for r in events[int(round(0.7 * n)) :]}
+    for name in ("test_x", "test_theta0"):
+        assert (run_dir / "results" / f"{name}.npy").exists()
+    test_x = np.load(run_dir / "results" / "test_x.npy").astype(np.float32)
+    assert len(test_x) > 0
+    assert all(tuple(r) in test_rows for r in test_x)
+    assert not any(tuple(r) in train_rows for r in test_x)
+    train_x = np.load(run_dir / "samples" / "x_train.npy").astype(np.float32)
+    assert all(tuple(r) in train_rows for r in train_x)
+
+
+def test_physics_sample_alices_and_sally(run_app, tmp_path, physics_file):
+    for method, key in (("alices", "ml"), ("sally", "sally")):
+        run_dir = tmp_path / method
+        tiny = [a for a in TINY if not a.startswith("data.")]
+        run_app(f"training={method}", "data=file", f"data.path={physics_file}", *tiny, run_dir=run_dir)
+        _check_outputs(run_dir, "rate", "histo", key)
+
+
+def test_help_and_cfg_do_not_import_heavy_modules():
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['app'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('app', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["--cfg", "job"], ["training=sally", "--cfg", "job"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+        )
+        assert "HEAVY []" in proc.stderr, (args, proc.stderr[-2000:])
+    help_text = subprocess.run(
+        [sys.executable, "-m", "app", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    for group in ("data:", "sampling:", "training:", "evaluation:", "tracking:"):
+        assert group in help_text
+    assert "alices" in help_text and "sally" in help_text
