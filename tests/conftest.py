@@ -38,7 +38,7 @@ def run_app(tmp_path, cache_dir):
     ):
         env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "app", *args]
-        if tracking and not any(a.startswith("tracking") for a in args):
+        if tracking and not any(a.startswith("tracking=") for a in args):
             cmd.append(f"tracking={tracking}")
         if (
             not any(a.startswith("hydra.run.dir") or a in ("-m", "--multirun") for a in args)

@@ -36,14 +36,23 @@ def task(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
+    except KeyboardInterrupt:
+        _end_tracking("KILLED", None)
+        raise
     except UserError as err:
         if HydraConfig.get().mode == RunMode.RUN:
+            _end_tracking("FAILED", err)  # SystemExit skips Hydra's on_job_end
             # One line on stderr, no traceback, exit code 2.
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         # In a multirun this job fails (Hydra records it) and the sweep goes on.
         logging.getLogger("app").error("error: %s", err)
         raise
+
+
+def _end_tracking(status: str, error: BaseException | None) -> None:
+    if "app.callbacks" in sys.modules:
+        sys.modules["app.callbacks"].end_active_run(status, error)
 
 
 def main() -> None:

@@ -52,6 +52,11 @@ def run(cfg: DictConfig) -> float | None:
     from app.io import update_json
     from app.stages import evaluate, plot, sample, train
 
+    # What the tracking callback reads about this job (stages themselves know nothing about MLflow).
+    run_file = out_dir / "run.json"
+    update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": datafile.sha256(info.path),
+                           "method": method.name, "stages": list(stages)})
+
     samples = model = results = None
     metrics: dict = {}
     if "sample" in stages:
@@ -95,6 +100,8 @@ def run(cfg: DictConfig) -> float | None:
         with _timed("plot"):
             plot.run(results.results_dir, model_dir, out_dir, list(info.parameters))
 
+    update_json(run_file, {"reused": {"samples": bool(samples and samples.reused),
+                                      "model": bool(model and model.reused)}})
     objective = _objective(cfg, metrics)
     _summary(cfg, out_dir, metrics, objective)
     return objective

@@ -1,0 +1,142 @@
+"""The parent run's comparison of a sweep: a CSV of every child, the best child, and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+CL68_P_VALUE = 1.0 - 0.6826894921370859
+
+
+def children(c, parent: dict) -> list:
+    return c.search_runs(
+        [parent["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'",
+        max_results=10000,
+    )
+
+
+def summarise_sweep(c, parent: dict, config: DictConfig) -> None:
+    from app import tracking
+
+    runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
+    if not runs:
+        raise RuntimeError("the sweep has no child runs")
+    metric = config.objective.metric
+    direction = str(getattr(config.objective.direction, "value", config.objective.direction))
+    param_keys = sorted({k for r in runs for k in r.data.params})
+    varied = [k for k in param_keys if len({r.data.params.get(k) for r in runs}) > 1]
+    metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("epoch_")})
+    rows = []
+    for r in runs:
+        row = {
+            "run_id": r.info.run_id,
+            "run_name": r.data.tags.get("mlflow.runName"),
+            "job_num": r.data.tags.get("job.num"),
+            "status": r.info.status,
+            "overrides": r.data.tags.get("overrides"),
+        }
+        row.update({k: r.data.params.get(k) for k in varied})
+        row.update({k: r.data.metrics.get(k) for k in metric_keys})
+        rows.append(row)
+
+    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    best = None
+    if scored:
+        pick = min if direction == "minimize" else max
+        best = pick(scored, key=lambda r: r.data.metrics[metric])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with open(tmp / "comparison.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        summary = {
+            "objective": metric,
+            "direction": direction,
+            "n_children": len(runs),
+            "n_finished": sum(r.info.status == "FINISHED" for r in runs),
+            "varied_params": varied,
+            "best_run_id": best.info.run_id if best else None,
+            "best_run_name": best.data.tags.get("mlflow.runName") if best else None,
+            "best_objective": best.data.metrics[metric] if best else None,
+        }
+        (tmp / "best.json").write_text(json.dumps(summary, indent=2))
+        _objective_plot(runs, metric, best, tmp / "objective.png")
+        if len({r.data.tags.get("training") for r in runs}) > 1:
+            _methods_overlay(runs, tmp / "limits_by_method.png")
+        c.log_artifacts(parent["run_id"], str(tmp), "comparison")
+
+    tags = {"n_children": len(runs)}
+    if best:
+        tags.update({"best_run_id": best.info.run_id, "best_run_name": summary["best_run_name"]})
+        tracking.log_metrics(c, parent["run_id"], [(f"best_{metric}", best.data.metrics[metric], 0)])
+    tracking.set_tags(c, parent["run_id"], tags)
+
+
+def _objective_plot(runs, metric: str, best, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(i, r.data.metrics[metric], r) for i, r in enumerate(runs) if metric in r.data.metrics]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=metric)
+        if best is not None:
+            i = next(p[0] for p in points if p[2].info.run_id == best.info.run_id)
+            ax.plot([i], [best.data.metrics[metric]], "*", ms=14, c="C3", label="best")
+        ax.set_xticks([p[0] for p in points], [p[2].data.tags.get("mlflow.runName", "") for p in points],
+                      rotation=30, ha="right", fontsize=8)
+        ax.legend()
+    ax.set_ylabel(metric)
+    ax.set_title("objective per trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _methods_overlay(runs, path: Path) -> None:
+    """Each method's 68 % CL contour in its own mode, with the rate and histogram baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    baselines_drawn = False
+    for i, r in enumerate(runs):
+        results = Path(r.data.tags.get("output_dir", "")) / "results"
+        limits_file = results / "limits.json"
+        if r.info.status != "FINISHED" or not limits_file.exists():
+            continue
+        grid = np.load(results / "grid.npy")
+        if grid.shape[1] != 2:
+            continue
+        xs, ys = np.unique(grid[:, 0]), np.unique(grid[:, 1])
+        shape = (len(xs), len(ys))
+        keys = [k for k, mode, _ in json.loads(limits_file.read_text())["runs"] if mode not in ("rate", "histo")]
+        baselines = [] if baselines_drawn else ["rate", "histo"]
+        for key, style in [(k, "--") for k in baselines] + [(k, "-") for k in keys[:1]]:
+            p_file = results / f"p_values_{key}.npy"
+            if not p_file.exists():
+                continue
+            p = np.load(p_file).reshape(shape)
+            label = key if key in ("rate", "histo") else f"{r.data.tags.get('training')} ({key})"
+            color = "gray" if key == "rate" else ("k" if key == "histo" else f"C{i}")
+            ax.contour(grid[:, 0].reshape(shape), grid[:, 1].reshape(shape), p, levels=[CL68_P_VALUE],
+                       colors=[color], linestyles=[style])
+            ax.plot([], [], c=color, ls=style, label=label)
+        baselines_drawn = True
+    ax.set_title("68 % CL expected limits by method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,241 @@
+"""MLflow tracking through the Hydra callback: runs, sweeps, failures, secrets, server, MLproject."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY
+
+SECRET = "hunter2-not-for-mlflow"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str, experiment: str = "madminer-sweeper"):
+    c = _client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment} in {uri}"
+    return c, c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri):
+    run_app("training=alices", *TINY, f"tracking.uri={sqlite_uri}", tracking="local")
+    c, runs = _runs(sqlite_uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["training.method"] == "alices" and params["sampling.n_samples"] == "600"
+    assert params["sampling.theta0.priors"] == '[["flat",-10.0,10.0],["flat",-10.0,10.0]]'
+    assert params["training.n_hidden"] == "[16,16]"
+    assert len(params) > 60
+    assert tags["training"] == "alices" and tags["sampling"] == "ratio" and tags["data"] == "toy"
+    assert tags["mlflow.runName"].startswith("alices-")
+    assert "sampling.n_samples=600" in tags["overrides"]
+    assert tags["version.madminer"] == "0.9.6" and "version.torch" in tags
+    assert len(tags["data.sha256"]) == 64 and tags["data.path"].endswith(".h5")
+    assert tags["reused.samples"] == "false"
+    assert (REPO / ".git").exists() <= ("mlflow.source.git.commit" in tags)
+    for key in ("train_loss", "val_loss", "objective", "limits_ml_cl68_fraction", "fisher_histo_det"):
+        assert key in metrics, key
+    history = c.get_metric_history(run.info.run_id, "epoch_val_loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"hydra", "results", "plots", "model"} <= artifacts
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "hydra")} == {
+        "hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"
+    }
+    assert "results/metrics.json" in {a.path for a in c.list_artifacts(run.info.run_id, "results")}
+    model_files = {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    assert "model/estimator_state_dict.pt" in model_files and "model/model.json" in model_files
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.digest == tags["data.sha256"][:16]
+
+
+def test_multirun_is_a_parent_with_children_in_worker_processes(run_app, tmp_path, sqlite_uri):
+    run_app(
+        "-m", *TINY, "training=alices,sally", f"tracking.uri={sqlite_uri}",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep",
+        tracking="local",
+    )
+    c, runs = _runs(sqlite_uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert {r.data.tags["training"] for r in children} == {"alices", "sally"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert parent.data.tags["best_run_id"] in {r.info.run_id for r in children}
+    files = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.csv", "comparison/best.json", "comparison/objective.png",
+            "comparison/limits_by_method.png"} <= files
+    csv_path = c.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
+    lines = Path(csv_path).read_text().splitlines()
+    assert len(lines) == 3 and "training.method" in lines[0] and "val_loss" in lines[0]
+
+
+def test_failed_jobs_are_marked_failed(run_app, tmp_path, sqlite_uri):
+    proc = run_app(*TINY, "training.n_epochs=0", f"tracking.uri={sqlite_uri}", tracking="local", check=False)
+    assert proc.returncode == 2
+    _, runs = _runs(sqlite_uri)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "training.n_epochs must be positive" in runs[0].data.tags["error"]
+
+    multi_uri = f"sqlite:///{tmp_path}/multi.db"
+    run_app(
+        "-m", *TINY, "training.n_epochs=1,0", f"tracking.uri={multi_uri}", f"hydra.sweep.dir={tmp_path}/sw",
+        tracking="local", check=False,
+    )
+    _, runs = _runs(multi_uri)
+    status = {r.data.tags.get("mlflow.runName", "").split("-")[-1]: r.info.status for r in runs}
+    assert "RUNNING" not in status.values(), status
+    by_epochs = {r.data.params.get("training.n_epochs"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert by_epochs["1"].info.status == "FINISHED" and by_epochs["0"].info.status == "FAILED"
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED" and "a job failed" in parent.data.tags["error"]
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, cache_dir, sqlite_uri):
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "app", *TINY, "training.n_epochs=500", "sampling.n_samples=4000",
+           f"tracking.uri={sqlite_uri}", f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if "epoch   3/500" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    _, runs = _runs(sqlite_uri)
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_secrets_never_reach_mlflow(run_app, tmp_path, sqlite_uri):
+    run_app(
+        *TINY, "evaluation.fisher.enabled=false", f"tracking.uri={sqlite_uri}", f"+vars.db_password={SECRET}",
+        f"+vars.store=postgresql://alice:{SECRET}@db.example/events", f"+vars.api_token={SECRET}",
+        tracking="local",
+    )
+    c, runs = _runs(sqlite_uri)
+    run = runs[0]
+    assert run.data.params["vars.db_password"] == "***"
+    assert run.data.params["vars.store"] == "postgresql://***@db.example/events"
+    everything = [*run.data.params.values(), *run.data.tags.values()]
+    assert not any(SECRET in value for value in everything)
+    downloaded = Path(c.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    texts = [p.read_bytes() for p in downloaded.rglob("*") if p.is_file()]
+    assert texts and not any(SECRET.encode() in t for t in texts)
+
+
+def test_unreachable_server_fails_fast(run_app, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        start = time.time()
+        proc = run_app(*TINY, tracking="server", check=False, timeout=120)
+        elapsed = time.time() - start
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert proc.returncode != 0 and elapsed < 15, (proc.returncode, elapsed)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and uri in errors[0] and "unreachable" in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a fresh PostgreSQL database as its backend store."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
+    admin.autocommit = True
+    db = f"mlflow_test_{uuid.uuid4().hex[:10]}"
+    admin.cursor().execute(f"CREATE DATABASE {db}")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{db}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
+
+
+def test_postgres_backed_server(run_app, tmp_path, mlflow_server):
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        run_app("-m", *TINY, "training=alices,carl", f"hydra.sweep.dir={tmp_path}/sweep", tracking="server")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    c, runs = _runs(mlflow_server)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2 and parent.info.status == "FINISHED"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["training.method"] in ("alices", "carl")
+        assert child.data.tags["tracking"] == "server" and "val_loss" in child.data.metrics
+        assert "model/model.json" in {a.path for a in c.list_artifacts(child.info.run_id, "model")}
+    assert any(a.path == "comparison/comparison.csv" for a in c.list_artifacts(parent.info.run_id, "comparison"))
+
+
+def test_mlproject_main_entry_point(tmp_path, cache_dir, sqlite_uri):
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), MLFLOW_TRACKING_URI=sqlite_uri)
+    overrides = " ".join([*TINY, "training=sally", f"hydra.run.dir={tmp_path}/run"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "main", "-P", f"overrides={overrides}",
+         "--env-manager", "local", "--experiment-name", "madminer-sweeper"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    _, runs = _runs(sqlite_uri)
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # no duplicate run per job
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.method"] == "sally" and run.data.tags["training"] == "sally"
+    assert run.data.tags["mlflow.project.entryPoint"] == "main" and "val_loss" in run.data.metrics
+    assert (tmp_path / "run" / "results" / "metrics.json").exists()
