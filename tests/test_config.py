@@ -36,8 +36,14 @@ def test_every_option_composes(group, option):
     if group == "sampling":  # a sampling kind needs a method of that kind
         method = next(m for m in METHODS.values() if m.sampling == option)
         overrides.append(f"training={method.name}")
+    if group == "hparams_search":  # a global package: it switches the sweeper and sets the objective
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            full = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        assert "optuna" in full.hydra.sweeper._target_
+        assert full.objective.metric and full.hydra.sweeper.params
+        return
     cfg = _compose(*overrides)
-    assert cfg[group] is not None or group == "hparams_search"
+    assert cfg[group] is not None
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

@@ -105,7 +105,13 @@ class MLflowCallback(Callback):
 
         c = tracking.client(self.parent["uri"])
         try:
-            comparison.summarise_sweep(c, self.parent, config)
+            best = comparison.summarise_sweep(c, self.parent, config)
+            if best and config.tracking.register_model:
+                from app import registry
+
+                name = registry.alias_best(c, best)
+                if name:
+                    tracking.set_tags(c, self.parent["run_id"], {"best_model": f"models:/{name}@{registry.BEST_ALIAS}"})
             status = "FINISHED"
         except Exception as err:  # noqa: BLE001 - the sweep's summary must not leave the parent RUNNING
             log.warning("sweep comparison failed: %s", err)
@@ -302,6 +308,12 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     for folder in ("results", "plots", "model"):
         if (out / folder).is_dir():
             mlflow.log_artifacts(str(out / folder), folder)
+    trained_here = not run_info.get("reused", {}).get("model", True)
+    if config.tracking.register_model and trained_here and (out / "model" / "model.json").exists():
+        from app import registry
+
+        name, model_version = registry.log_and_register(out / "model")
+        tracking.set_tags(c, run_id, {"registered_model": f"{name}/{model_version}"})
 
 
 def _log_dataset(run_info: dict) -> None:

@@ -21,7 +21,8 @@ def children(c, parent: dict) -> list:
     )
 
 
-def summarise_sweep(c, parent: dict, config: DictConfig) -> None:
+def summarise_sweep(c, parent: dict, config: DictConfig) -> str | None:
+    """Log the comparison artifacts and best-child tags on the parent; returns the best child's run id."""
     from app import tracking
 
     runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
@@ -78,6 +79,7 @@ def summarise_sweep(c, parent: dict, config: DictConfig) -> None:
         tags.update({"best_run_id": best.info.run_id, "best_run_name": summary["best_run_name"]})
         tracking.log_metrics(c, parent["run_id"], [(f"best_{metric}", best.data.metrics[metric], 0)])
     tracking.set_tags(c, parent["run_id"], tags)
+    return best.info.run_id if best else None
 
 
 def _objective_plot(runs, metric: str, best, path: Path) -> None:
