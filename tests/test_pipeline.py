@@ -144,3 +144,21 @@ def test_help_and_cfg_do_not_import_heavy_modules():
     for group in ("data:", "sampling:", "training:", "evaluation:", "tracking:"):
         assert group in help_text
     assert "alices" in help_text and "sally" in help_text
+
+
+def test_tracking_disabled_never_imports_mlflow(tmp_path, cache_dir):
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['app'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('app', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr)\n"
+    )
+    env = dict(__import__("os").environ, MADMINER_SWEEPER_CACHE=str(cache_dir))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "stage=sample", *TINY, "tracking=disabled", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert "MLFLOW False" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "samples" / "x_train.npy").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
