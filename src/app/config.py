@@ -189,6 +189,7 @@ class EvaluationConfig:
     hist_bins: Any = None  # null = MadMiner's default; int or a list (one entry per histogram axis)
     n_test_samples: int = 1000
     fisher: FisherConfig = field(default_factory=FisherConfig)
+    truth: bool = True  # toy files only: compare estimator and limits with the exact likelihood (app.truth)
     results_dir: str | None = None  # for stage=plot: results of an earlier run
 
 

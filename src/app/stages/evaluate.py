@@ -2,6 +2,10 @@
 
 Everything reads MadMiner's *test* partition (``partition="test"`` / ``test_split``), never the
 events the training samples came from. Writes .npy arrays and ``metrics.json`` into ``<run>/results``.
+
+On a toy file (:mod:`app.toy`, whose likelihood is known exactly: :mod:`app.truth`) it also compares
+the estimator and the limits with the truth: the ``truth_*`` metrics (see ``docs/toy.md``). On any
+other file they are absent and one log line says why.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from app import compat, estimators
+from app import truth as truth_mod
 from app.datafile import FileInfo
 from app.io import atomic_dir, read_json, write_json
 from app.methods import MODEL_MODES, Method
@@ -71,36 +76,61 @@ def run(
     ev = cfg.evaluation
     target = out_dir / "results"
     metrics: dict = dict(train_metrics or {})
+    truth = truth_for(cfg, info)
     with atomic_dir(target) as tmp:
         np.random.seed(cfg.sampling.seed + 1)
         with estimators.madminer_loads_from(model_file.parent) if model_file else nullcontext():
-            metrics.update(_limits(cfg, method, info, model_file, tmp))
+            metrics.update(_limits(cfg, method, info, model_file, tmp, truth))
             if ev.fisher.enabled:
                 metrics.update(_fisher(cfg, method, info, model_file, tmp))
         if model_file is not None:
-            metrics.update(_test_predictions(cfg, method, info, model_file, tmp))
+            metrics.update(_test_predictions(cfg, method, info, model_file, tmp, truth))
         write_json(tmp / "limits.json", {"runs": [list(r) for r in limit_runs(cfg, method)]})
         write_json(tmp / "metrics.json", metrics)
     return EvaluateResult(target, metrics)
 
 
-def _limits(cfg, method, info, model_file, tmp: Path) -> dict:
+def truth_for(cfg: DictConfig, info: FileInfo) -> truth_mod.ToyTruth | None:
+    """The exact likelihood of a toy file, or None (with one log line saying why)."""
+    if not cfg.evaluation.truth:
+        log.info("truth metrics skipped: evaluation.truth=false")
+        return None
+    truth = truth_mod.ToyTruth.from_file(info.path)
+    if truth is None:
+        log.info("truth metrics skipped: %s is not a toy file (no tractable likelihood)", info.path)
+    return truth
+
+
+def grid_resolutions(cfg: DictConfig, info: FileInfo) -> list[int]:
+    resolutions = OmegaConf.to_container(cfg.evaluation.grid, resolve=True)["resolutions"]
+    if isinstance(resolutions, int):  # madminer 0.9.6 only handles the list form
+        resolutions = [resolutions] * info.n_parameters
+    return resolutions
+
+
+def theta_grid_of(cfg: DictConfig, info: FileInfo) -> np.ndarray:
+    """The evaluation grid exactly as AsymptoticLimits builds it (last parameter varies fastest)."""
+    from madminer.limits import AsymptoticLimits
+
+    return AsymptoticLimits._make_theta_grid(grid_ranges(cfg, info), grid_resolutions(cfg, info))[0]
+
+
+def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth | None = None) -> dict:
     ev = cfg.evaluation
     limits = estimators.limits_class()(
         str(info.path), include_nuisance_parameters=cfg.sampling.include_nuisance
     )
-    truth = theta_true(cfg, info)
-    resolutions = OmegaConf.to_container(ev.grid, resolve=True)["resolutions"]
-    if isinstance(resolutions, int):  # madminer 0.9.6 only handles the list form
-        resolutions = [resolutions] * info.n_parameters
+    true_point = theta_true(cfg, info)
+    resolutions = grid_resolutions(cfg, info)
     hist_bins = OmegaConf.to_container(ev, resolve=True)["hist_bins"]
     hist_vars = list(ev.hist_vars) if ev.hist_vars else [info.observables[0]]
     metrics = {}
     theta_grid = None
+    true_limits: dict = {}  # (include kinematics, include xsec) -> truth.ExpectedLimits
     for key, mode, include_xsec in limit_runs(cfg, method):
         kwargs = dict(
             mode=mode,
-            theta_true=truth,
+            theta_true=true_point,
             grid_ranges=grid_ranges(cfg, info),
             grid_resolutions=resolutions,
             include_xsec=include_xsec,
@@ -119,17 +149,49 @@ def _limits(cfg, method, info, model_file, tmp: Path) -> dict:
         np.save(tmp / f"p_values_{key}.npy", p_values)
         np.save(tmp / f"best_fit_{key}.npy", theta_grid[i_ml])
         metrics[f"limits_{key}_cl68_fraction"] = float(np.mean(p_values > CL68_P_VALUE))
-        metrics[f"limits_{key}_best_fit_distance"] = float(np.linalg.norm(theta_grid[i_ml] - truth))
+        metrics[f"limits_{key}_best_fit_distance"] = float(np.linalg.norm(theta_grid[i_ml] - true_point))
         log.info(
             "limits %-10s 68%% CL covers %.1f%% of the grid, best fit %s",
             key,
             100 * metrics[f"limits_{key}_cl68_fraction"],
             np.round(theta_grid[i_ml], 3).tolist(),
         )
+        if truth is not None:
+            variant = (mode != "rate", bool(include_xsec))
+            if variant not in true_limits:
+                true_limits[variant] = _true_limits(cfg, limits, truth, theta_grid, true_point, *variant)
+            exact = true_limits[variant]
+            estimated = np.broadcast_to(np.asarray(llr_kin + llr_rate, dtype=np.float64), p_values.shape)
+            np.save(tmp / f"log_likelihood_{key}.npy", estimated)
+            np.save(tmp / f"truth_log_likelihood_{key}.npy", exact.log_likelihood)
+            np.save(tmp / f"truth_p_values_{key}.npy", exact.p_values)
+            np.save(tmp / f"truth_best_fit_{key}.npy", exact.best_fit)
+            iou, distance = truth_mod.compare_regions(theta_grid, estimated, exact.log_likelihood)
+            metrics[f"truth_limits_{key}_iou"] = iou
+            metrics[f"truth_limits_{key}_best_fit_distance"] = distance
+            log.info("limits %-10s vs truth: 68%% CL IoU %.3f, best fits %.3g apart", key, iou, distance)
     if theta_grid is not None:
         np.save(tmp / "grid.npy", theta_grid)
-        np.save(tmp / "theta_true.npy", truth)
+        np.save(tmp / "theta_true.npy", true_point)
     return metrics
+
+
+def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, include_xsec: bool):
+    """The true expected limits on the same Asimov data (test-partition events reweighted to theta_true)."""
+    x_asimov, weights = limits._asimov_data(
+        true_point,
+        test_split=cfg.sampling.test_split,
+        sample_only_from_closest_benchmark=cfg.sampling.sample_only_from_closest_benchmark,
+    )
+    return truth.expected_limits(
+        theta_grid,
+        true_point,
+        x_asimov,
+        weights,
+        luminosity=cfg.evaluation.luminosity,
+        include_kinematics=kinematics,
+        include_xsec=include_xsec,
+    )
 
 
 def _fisher(cfg, method, info, model_file, tmp: Path) -> dict:
@@ -163,8 +225,9 @@ def _fisher(cfg, method, info, model_file, tmp: Path) -> dict:
     return metrics
 
 
-def _test_predictions(cfg, method, info, model_file, tmp: Path) -> dict:
-    """Estimator outputs on test-partition events, next to MadMiner's joint (parton-level) quantities."""
+def _test_predictions(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth | None = None) -> dict:
+    """Estimator outputs on test-partition events, next to MadMiner's joint (parton-level) quantities
+    and, on a toy file, next to the exact likelihood (``truth_*`` metrics)."""
     from madminer.sampling import SampleAugmenter
 
     ev, s = cfg.evaluation, cfg.sampling
@@ -177,40 +240,232 @@ def _test_predictions(cfg, method, info, model_file, tmp: Path) -> dict:
         partition="test",
         sample_only_from_closest_benchmark=s.sample_only_from_closest_benchmark,
     )
-    truth = theta_true(cfg, info)
-    x_true, _, _ = augmenter.sample_test(theta=to_madminer_theta_point(truth), **common)
+    true_point = theta_true(cfg, info)
+    x_true, _, _ = augmenter.sample_test(theta=to_madminer_theta_point(true_point), **common)
     np.save(tmp / "test_x.npy", x_true)
     metrics: dict = {}
     estimator_kind = getattr(cfg.training.estimator, "value", cfg.training.estimator)
     if method.family == "ratio":
-        x, theta0, theta1, _, r_xz, _, _ = augmenter.sample_train_ratio(
+        x, theta0s, theta1s, _, r_xz, _, _ = augmenter.sample_train_ratio(
             theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
         )
         if estimator_kind == "double_parameterized":
             log_r = estimator.evaluate_log_likelihood_ratio(
-                x=x, theta0=theta0, theta1=theta1, test_all_combinations=False
+                x=x, theta0=theta0s, theta1=theta1s, test_all_combinations=False
             )[0]
         else:
-            log_r = estimator.evaluate_log_likelihood_ratio(x=x, theta=theta0, test_all_combinations=False)[0]
+            log_r = estimator.evaluate_log_likelihood_ratio(x=x, theta=theta0s, test_all_combinations=False)[0]
         log_r_xz = np.log(r_xz).ravel()
         log_r = np.asarray(log_r).ravel()
-        for name, arr in (("test_theta0", theta0), ("test_log_r_xz", log_r_xz), ("test_log_r_est", log_r)):
+        for name, arr in (("test_theta0", theta0s), ("test_log_r_xz", log_r_xz), ("test_log_r_est", log_r)):
             np.save(tmp / f"{name}.npy", arr)
         metrics["test_log_r_mse_vs_joint"] = float(np.mean((log_r - log_r_xz) ** 2))
         metrics["test_log_r_corr_vs_joint"] = _corr(log_r, log_r_xz)
+        if truth is not None:
+            reference = single_point(theta1s)
+            if reference is None and estimator_kind == "double_parameterized":
+                reference = np.asarray(theta1s[0], dtype=np.float64)  # any reference works for r(x|theta0,theta1)
+            if reference is None:
+                log.info("truth log r metrics skipped: sampling.theta1 is not a single point")
+            else:
+                metrics.update(
+                    truth_log_r_metrics(
+                        estimator, truth, x_true, theta_grid_of(cfg, info), reference, benchmark_points(info), tmp
+                    )
+                )
     elif method.family == "score":
-        x, _, t_xz, _ = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
+        x, thetas, t_xz, _ = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
         t_est = np.asarray(estimator.evaluate_score(x=x))
         t_est = t_est[0] if t_est.ndim == 3 else t_est
+        np.save(tmp / "test_score_x.npy", x)
         np.save(tmp / "test_t_xz.npy", t_xz)
         np.save(tmp / "test_score_est.npy", t_est)
         np.save(tmp / "test_score_theta_true.npy", np.asarray(estimator.evaluate_score(x=x_true)))
         metrics["test_score_mse_vs_joint"] = float(np.mean((t_est - t_xz) ** 2))
+        if truth is not None:
+            reference = single_point(thetas)
+            if reference is None:
+                log.info("truth score metrics skipped: sampling.theta is not a single point")
+            else:
+                metrics.update(truth_score_metrics(t_est, truth, x, reference, tmp))
     else:
-        log_p = estimator.evaluate_log_likelihood(x=x_true, theta=truth.reshape(1, -1))[0]
+        log_p = estimator.evaluate_log_likelihood(x=x_true, theta=true_point.reshape(1, -1))[0]
         np.save(tmp / "test_log_p_theta_true.npy", np.asarray(log_p))
         metrics["test_mean_log_likelihood"] = float(np.mean(log_p))
+        if truth is not None:
+            metrics.update(
+                truth_density_metrics(
+                    estimator, truth, x_true, theta_grid_of(cfg, info), true_point, benchmark_points(info), tmp
+                )
+            )
     return metrics
+
+
+# --------------------------------------------------------------------------- truth metrics (toy files)
+def truth_log_r_metrics(
+    estimator, truth, x, grid, reference, points: dict[str, np.ndarray], tmp: Path | None = None
+) -> dict:
+    """MSE and correlation of estimated vs true log r(x | theta, reference) over the grid and at ``points``.
+
+    ``x`` are test events (drawn at theta_true), ``reference`` the theta1 the estimator was trained against.
+    """
+    names = list(points)
+    thetas = np.vstack([grid] + [np.reshape(points[n], (1, -1)) for n in names])
+    estimated = model_log_r_grid(estimator, x, thetas, reference)
+    exact = truth.log_r_grid(x, thetas, reference)
+    metrics = _log_r_comparison(estimated, exact, len(grid), names)
+    if tmp is not None:
+        np.save(tmp / "test_log_r_grid_est.npy", estimated[: len(grid)].astype(np.float32))
+        np.save(tmp / "truth_log_r_grid.npy", exact[: len(grid)].astype(np.float32))
+        np.save(tmp / "truth_reference.npy", np.asarray(reference, dtype=np.float64))
+    return metrics
+
+
+def truth_density_metrics(
+    estimator, truth, x, grid, true_point, points: dict[str, np.ndarray], tmp: Path | None = None
+) -> dict:
+    """Density estimators: the log r metrics (reference = the origin) and the mean log-likelihood gap at theta_true.
+
+    truth_log_likelihood_gap = mean over test events x ~ p(x | theta_true) of log p(x | theta_true) - log p_hat(x |
+    theta_true): a Monte Carlo estimate of KL(p || p_hat) >= 0.
+    """
+    names = list(points)
+    reference = np.zeros(truth.n_parameters)
+    thetas = np.vstack([grid] + [np.reshape(points[n], (1, -1)) for n in names] + [reference, true_point])
+    log_p = model_log_likelihood_grid(estimator, x, thetas)
+    estimated = log_p[:-2] - log_p[-2]
+    exact = truth.log_r_grid(x, thetas[:-2], reference)
+    metrics = _log_r_comparison(estimated, exact, len(grid), names)
+    gap = truth.log_likelihood(x, true_point) - log_p[-1]
+    metrics["truth_log_likelihood_gap"] = float(np.mean(gap))
+    if tmp is not None:
+        np.save(tmp / "test_log_r_grid_est.npy", estimated[: len(grid)].astype(np.float32))
+        np.save(tmp / "truth_log_r_grid.npy", exact[: len(grid)].astype(np.float32))
+        np.save(tmp / "truth_reference.npy", reference)
+        np.save(tmp / "truth_log_p_theta_true.npy", truth.log_likelihood(x, true_point))
+    return metrics
+
+
+def truth_score_metrics(t_est, truth, x, reference, tmp: Path | None = None) -> dict:
+    """MSE (mean over events and components) of the estimated vs the true score t(x | reference)."""
+    exact = truth.score(x, reference)
+    if tmp is not None:
+        np.save(tmp / "test_score_truth.npy", exact)
+    t_est = np.asarray(t_est, dtype=np.float64).reshape(exact.shape)
+    return {
+        "truth_score_mse": float(np.mean((t_est - exact) ** 2)),
+        "truth_score_corr": _corr(t_est.ravel(), exact.ravel()),
+    }
+
+
+def _log_r_comparison(estimated: np.ndarray, exact: np.ndarray, n_grid: int, names: list[str]) -> dict:
+    est, true = estimated[:n_grid], exact[:n_grid]
+    metrics = {
+        "truth_log_r_mse": float(np.mean((est - true) ** 2)),
+        "truth_log_r_corr": _corr(est.ravel(), true.ravel()),
+    }
+    for i, name in enumerate(names):
+        row = n_grid + i
+        metrics[f"truth_log_r_mse_at_{name}"] = float(np.mean((estimated[row] - exact[row]) ** 2))
+    log.info(
+        "truth: log r MSE %.4g over %d grid points x %d test events (correlation %.4f)",
+        metrics["truth_log_r_mse"],
+        est.shape[0],
+        est.shape[1],
+        metrics["truth_log_r_corr"],
+    )
+    return metrics
+
+
+def single_point(thetas) -> np.ndarray | None:
+    """The one parameter point all rows of ``thetas`` share, or None."""
+    thetas = np.asarray(thetas, dtype=np.float64)
+    if len(thetas) == 0 or not np.allclose(thetas, thetas[0], rtol=1e-6, atol=1e-6):
+        return None
+    return thetas[0]
+
+
+def benchmark_points(info: FileInfo) -> dict[str, np.ndarray]:
+    """The file's (physics) benchmarks, by name: the named theta of the truth_log_r_mse_at_<name> metrics."""
+    import h5py
+
+    with h5py.File(info.path, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["benchmarks/names"][()]]
+        values = f["benchmarks/values"][()]
+        nuisance = f["benchmarks/is_nuisance"][()] if "benchmarks/is_nuisance" in f else np.zeros(len(names))
+    return {n: np.asarray(v, dtype=np.float64) for n, v, nu in zip(names, values, nuisance) if not nu}
+
+
+# --------------------------------------------------------------------------- fast estimator evaluation
+# MadMiner's test_all_combinations=True loops over thetas in Python and builds one tensor per event; for
+# n_x events x n_theta grid points that takes minutes. These call the trained torch model directly in
+# large batches, with the same input transformations as MadMiner's evaluate_* methods.
+BATCH = 1 << 18
+
+
+def model_log_r_grid(estimator, x, thetas, theta1) -> np.ndarray:
+    """Estimated log r(x_j | theta_i, theta1), shape (n_thetas, n_x).
+
+    For parameterized (and morphing-aware) ratio estimators theta1 is the reference they were trained against
+    and is not an input; double-parameterized estimators take it as input. Ensembles: mean of the members.
+    """
+    from madminer.ml import DoubleParameterizedRatioEstimator, Ensemble
+
+    if isinstance(estimator, Ensemble):
+        return np.mean([model_log_r_grid(e, x, thetas, theta1) for e in estimator.estimators], axis=0)
+    thetas = np.asarray(thetas, dtype=np.float64)
+    if isinstance(estimator, DoubleParameterizedRatioEstimator):
+        theta1s = np.array(np.broadcast_to(np.asarray(theta1, dtype=np.float64), thetas.shape))
+        return _batched(estimator, x, thetas, theta1s, kind="double")
+    return _batched(estimator, x, estimator._transform_parameters(thetas), None, kind="ratio")
+
+
+def model_log_likelihood_grid(estimator, x, thetas) -> np.ndarray:
+    """Estimated log p(x_j | theta_i) in the coordinates of x, shape (n_thetas, n_x).
+
+    MadMiner's flows model the density of the *scaled* inputs (x - mean) / std; log p(x) adds -sum(log std).
+    """
+    from madminer.ml import Ensemble
+
+    if isinstance(estimator, Ensemble):
+        return np.mean([model_log_likelihood_grid(e, x, thetas) for e in estimator.estimators], axis=0)
+    log_p = _batched(estimator, x, np.asarray(thetas, dtype=np.float64), None, kind="likelihood")
+    if estimator.x_scaling_stds is not None:
+        stds = np.asarray(estimator.x_scaling_stds, dtype=np.float64)
+        if estimator.features is not None:
+            stds = stds[estimator.features]
+        log_p -= np.sum(np.log(stds))
+    return log_p
+
+
+def _batched(estimator, x, thetas, theta1s, kind: str) -> np.ndarray:
+    import torch
+
+    x = estimator._transform_inputs(np.array(x, dtype=np.float64))
+    if estimator.features is not None:
+        x = x[:, estimator.features]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = estimator.model.to(device, torch.float)
+    model.eval()
+    xs = torch.as_tensor(x, dtype=torch.float, device=device)
+    n_x, n_t = len(x), len(thetas)
+    out = np.empty((n_t, n_x), dtype=np.float64)
+    step = max(1, BATCH // max(1, n_x))
+    with torch.no_grad():
+        for start in range(0, n_t, step):
+            stop = min(n_t, start + step)
+            th = torch.as_tensor(thetas[start:stop], dtype=torch.float, device=device).repeat_interleave(n_x, 0)
+            xx = xs.repeat(stop - start, 1)
+            if kind == "ratio":
+                value = model(th, xx, track_score=False, create_gradient_graph=False)[1]
+            elif kind == "double":
+                th1 = torch.as_tensor(theta1s[start:stop], dtype=torch.float, device=device)
+                th1 = th1.repeat_interleave(n_x, 0)
+                value = model(th, th1, xx, track_score=False, create_gradient_graph=False)[1]
+            else:
+                value = model.log_likelihood(th, xx)[1]
+            out[start:stop] = value.reshape(stop - start, n_x).cpu().numpy()
+    return out
 
 
 def to_madminer_theta_point(theta: np.ndarray):

@@ -3,6 +3,9 @@
 Writes into ``<run>/plots``: ``limits.png`` (68 % CL contours of every limit mode on one figure),
 ``pvalues_<mode>.png`` (p-value map with its 68 % / 95 % CL contours), ``training_curves.png``,
 and ``log_r_vs_joint.png`` (ratio methods) or ``score_vs_joint.png`` (score methods).
+On a toy file (results with ``truth_*`` arrays) also ``limits_vs_truth.png`` (estimated vs true 68 % CL
+contours of every mode on one figure), ``log_r_vs_truth.png`` (ratio and density methods) or
+``score_vs_truth.png`` (score methods): 2-D histograms of estimated vs true values.
 """
 
 from __future__ import annotations
@@ -54,6 +57,31 @@ def run(results_dir: Path, model_dir: Path | None, out_dir: Path, parameter_name
                 "joint score t(x, z | theta)",
                 "estimated score t(x | theta)",
                 tmp / "score_vs_joint.png",
+            )
+        truth_keys = [k for k in keys if (results_dir / f"truth_log_likelihood_{k}.npy").exists()]
+        if truth_keys:
+            grid = np.load(results_dir / "grid.npy")
+            truth = np.load(results_dir / "theta_true.npy")
+            _limits_vs_truth(plt, grid, truth, truth_keys, results_dir, parameter_names, tmp / "limits_vs_truth.png")
+        if (results_dir / "truth_log_r_grid.npy").exists() and (results_dir / "test_log_r_grid_est.npy").exists():
+            _hist2d(
+                plt,
+                np.load(results_dir / "truth_log_r_grid.npy").ravel(),
+                np.load(results_dir / "test_log_r_grid_est.npy").ravel(),
+                "true log r(x | theta, theta_ref)",
+                "estimated log r(x | theta, theta_ref)",
+                "test events x evaluation grid",
+                tmp / "log_r_vs_truth.png",
+            )
+        if (results_dir / "test_score_truth.npy").exists() and (results_dir / "test_score_est.npy").exists():
+            _hist2d(
+                plt,
+                np.load(results_dir / "test_score_truth.npy").ravel(),
+                np.load(results_dir / "test_score_est.npy").ravel(),
+                "true score t(x | theta_ref)",
+                "estimated score t(x | theta_ref)",
+                "test events, all components",
+                tmp / "score_vs_truth.png",
             )
     return target
 
@@ -158,6 +186,81 @@ def _scatter(plt, joint, estimated, xlabel: str, ylabel: str, path: Path) -> Non
         ax.set_ylim(lo, hi)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _limits_vs_truth(plt, grid, truth, keys, results_dir, names, path: Path) -> None:
+    """Estimated (solid) vs true (dashed) 68 % CL regions of every mode, on the refined grid of the IoU metric."""
+    from matplotlib.lines import Line2D
+
+    from app.truth import q_threshold, refine
+
+    threshold = q_threshold(dof=grid.shape[1])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    handles = []
+    inside_all = []
+    for i, key in enumerate(keys):
+        color = f"C{i}"
+        curves = []
+        for name in (f"log_likelihood_{key}.npy", f"truth_log_likelihood_{key}.npy"):
+            fine, log_l = refine(grid, np.load(results_dir / name))
+            curves.append(-2.0 * (log_l - log_l.max()))
+        if grid.shape[1] == 1:
+            from scipy.stats import chi2
+
+            for q, ls in zip(curves, ("-", "--")):
+                ax.plot(fine[:, 0], chi2.sf(q, 1), c=color, ls=ls)
+                inside_all.append(fine[q < 9.0])  # within 3 sigma: what the zoom shows
+        else:
+            xs, ys = np.unique(fine[:, 0]), np.unique(fine[:, 1])
+            for q, ls in zip(curves, ("-", "--")):
+                ax.contour(xs, ys, q.reshape(len(xs), len(ys)).T, levels=[threshold], colors=[color], linestyles=[ls])
+                inside_all.append(fine[q < threshold])
+        handles.append(Line2D([], [], c=color, label=key))
+    handles += [Line2D([], [], c="k", ls="-", label="estimated"), Line2D([], [], c="k", ls="--", label="truth")]
+    # zoom onto the regions (they are often smaller than a cell of the evaluation grid)
+    points = np.vstack(inside_all + [np.reshape(truth, (1, -1))])
+    spacing = [np.ptp(grid[:, i]) / max(1, len(np.unique(grid[:, i])) - 1) for i in range(grid.shape[1])]
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    pad = np.maximum(0.3 * (hi - lo), spacing)
+    ax.set_xlim(max(grid[:, 0].min(), lo[0] - pad[0]), min(grid[:, 0].max(), hi[0] + pad[0]))
+    if grid.shape[1] == 1:
+        ax.axhline(CL68_P_VALUE, ls=":", c="gray")
+        ax.axvline(truth[0], ls=":", c="k")
+        ax.set_xlabel(names[0])
+        ax.set_ylabel("expected p-value")
+    else:
+        ax.plot([truth[0]], [truth[1]], marker="*", c="k", ls="")
+        ax.set_ylim(max(grid[:, 1].min(), lo[1] - pad[1]), min(grid[:, 1].max(), hi[1] + pad[1]))
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_title("68 % CL: estimated vs true likelihood")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _hist2d(plt, true, estimated, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    finite = np.isfinite(true) & np.isfinite(estimated)
+    true, estimated = true[finite], estimated[finite]
+    if len(true):
+        both = np.concatenate([true, estimated])
+        lo, hi = float(np.percentile(both, 0.1)), float(np.percentile(both, 99.9))
+        hi = hi if hi > lo else lo + 1.0
+        _, _, _, mesh = ax.hist2d(true, estimated, bins=80, range=[[lo, hi], [lo, hi]], norm=LogNorm(), cmap="viridis")
+        fig.colorbar(mesh, ax=ax, label="entries")
+        ax.plot([lo, hi], [lo, hi], c="r", ls=":", lw=1)
+        mse = float(np.mean((estimated - true) ** 2))
+        ax.text(0.03, 0.95, f"MSE {mse:.3g}", transform=ax.transAxes, va="top", color="k")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
