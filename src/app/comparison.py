@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-CL68_P_VALUE = 1.0 - 0.6826894921370859
+from app.stats import CL68_P_VALUE
 
 
 def children(c, parent: dict) -> list:

@@ -28,8 +28,8 @@ def build(training_cfg, data_path: Path):
     from madminer import ml
 
     t = training_cfg
-    kind = getattr(t.estimator, "value", t.estimator)
-    net = dict(n_hidden=tuple(t.n_hidden), activation=getattr(t.activation, "value", t.activation))
+    kind = t.estimator
+    net = dict(n_hidden=tuple(t.n_hidden), activation=t.activation)
     if kind == "likelihood":
         return ml.LikelihoodEstimator(n_mades=t.n_mades, n_components=t.n_components, **net)
     net["dropout_prob"] = t.dropout_prob

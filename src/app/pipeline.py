@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from app.errors import UserError
 
@@ -27,8 +27,9 @@ def run(cfg: DictConfig) -> float | None:
 
     _quiet_libraries(cfg.verbose)
     hydra_cfg = HydraConfig.get()
+    cfg = _plain(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    stage = getattr(cfg.stage, "value", cfg.stage)
+    stage = cfg.stage
     stages = STAGES if stage == "all" else (stage,)
     choices = hydra_cfg.runtime.choices
     shown = [f"{g}={choices[g]}" for g in GROUPS if choices.get(g) is not None]
@@ -126,9 +127,16 @@ def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: float | N
     if shown:
         log.info("metrics: %s", " ".join(shown))
     if objective is not None:
-        log.info("objective %s = %.6g (%s)", cfg.objective.metric, objective, cfg.objective.direction.value)
+        log.info("objective %s = %.6g (%s)", cfg.objective.metric, objective, cfg.objective.direction)
     if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
         log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1", cfg.tracking.uri)
+
+
+def _plain(cfg: DictConfig) -> DictConfig:
+    """The validated config, resolved once, with enum values as plain strings (still read-only to new keys)."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    OmegaConf.set_struct(plain, True)
+    return plain
 
 
 @contextmanager

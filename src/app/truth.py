@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from app import toy
+from app.stats import CL68
 
-CL68 = 0.6826894921370859  # the 68 % CL of the limits (one Gaussian sigma)
 CHUNK_ELEMENTS = 1 << 22  # grid evaluations work on at most this many (theta, event) pairs at once
 
 

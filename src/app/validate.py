@@ -11,9 +11,9 @@ from app.methods import MODEL_MODES, Method, get_method
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
     method = get_method(cfg.training.method)
-    estimator = _value(cfg.training.estimator)
+    estimator = cfg.training.estimator
     method.check_estimator(estimator)
-    kind = _value(cfg.sampling.kind)
+    kind = cfg.sampling.kind
     if kind != method.sampling:
         raise UserError(
             f"training={method.name} trains on sampling={method.sampling} samples but sampling={kind} was chosen; "
@@ -93,7 +93,7 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
 
 
 def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:
-    kind = _value(spec.type)
+    kind = spec.type
     n = info.n_parameters
     if kind == "benchmark":
         _benchmark(spec.name, info, f"{key}.name")
@@ -136,7 +136,7 @@ def limit_modes(cfg: DictConfig, method: Method) -> list[str]:
     modes = cfg.evaluation.modes
     if modes is None:
         return ["rate", "histo", method.limit_mode]
-    return [_value(m) for m in modes]
+    return list(modes)
 
 
 def _benchmark(name, info: FileInfo, key: str) -> None:
@@ -166,7 +166,3 @@ def _fraction(key: str, value: float, allow_zero: bool) -> None:
 
 def _plain(node):
     return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-def _value(v):
-    return getattr(v, "value", v)

@@ -24,11 +24,11 @@ from app.datafile import FileInfo
 from app.io import atomic_dir, read_json, write_json
 from app.methods import MODEL_MODES, Method
 from app.stages.sample import to_madminer_theta
+from app.stats import CL68_P_VALUE
 from app.validate import limit_modes
 
 log = logging.getLogger(__name__)
 
-CL68_P_VALUE = 1.0 - 0.6826894921370859  # p-value above which a point lies inside the 68 % CL region
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _test_predictions(cfg, method, info, model_file, tmp: Path, truth: truth_mod
     x_true, _, _ = augmenter.sample_test(theta=to_madminer_theta_point(true_point), **common)
     np.save(tmp / "test_x.npy", x_true)
     metrics: dict = {}
-    estimator_kind = getattr(cfg.training.estimator, "value", cfg.training.estimator)
+    estimator_kind = cfg.training.estimator
     if method.family == "ratio":
         x, theta0s, theta1s, _, r_xz, _, _ = augmenter.sample_train_ratio(
             theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common

@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from app.io import atomic_dir, read_json
-
-CL68_P_VALUE = 1.0 - 0.6826894921370859
-CL95_P_VALUE = 1.0 - 0.9544997361036416
+from app.stats import CL68_P_VALUE, CL95_P_VALUE
 
 
 def run(results_dir: Path, model_dir: Path | None, out_dir: Path, parameter_names: list[str]) -> Path:

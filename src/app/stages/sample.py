@@ -34,7 +34,7 @@ def to_madminer_theta(spec: DictConfig):
     """Map a theta spec onto madminer.sampling's helper of the same name."""
     from madminer import sampling
 
-    kind = getattr(spec.type, "value", spec.type)
+    kind = spec.type
     if kind == "benchmark":
         return sampling.benchmark(spec.name)
     if kind == "benchmarks":
@@ -72,7 +72,7 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
     target = out_dir / "samples"
     with atomic_dir(target) as tmp:
         common["folder"] = str(tmp)
-        estimator = getattr(cfg.training.estimator, "value", cfg.training.estimator)
+        estimator = cfg.training.estimator
         if method.sampling == "ratio" and estimator == "double_parameterized":
             result = augmenter.sample_train_more_ratios(
                 theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common

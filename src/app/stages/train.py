@@ -85,9 +85,9 @@ def run(
             f"stage=train found no training samples in {samples_dir}; run the sample stage first or set "
             "sampling.samples_dir=<an earlier run>/samples"
         )
-    estimator_kind = getattr(t.estimator, "value", t.estimator)
+    estimator_kind = t.estimator
     inputs = training_inputs(method, estimator_kind, files)
-    _select_device(getattr(t.device, "value", t.device))
+    _select_device(t.device)
 
     import numpy as np
     import torch
@@ -96,7 +96,7 @@ def run(
     np.random.seed(cfg.seed)
     kwargs = dict(
         method=method.name,
-        optimizer=getattr(t.optimizer, "value", t.optimizer),
+        optimizer=t.optimizer,
         n_epochs=t.n_epochs,
         batch_size=t.batch_size,
         initial_lr=t.initial_lr,
