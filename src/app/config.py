@@ -167,7 +167,7 @@ class TrainingConfig:
 # --------------------------------------------------------------------------- evaluation
 @dataclass
 class GridConfig:
-    ranges: list[list[float]] | None = None  # null = twice the parameter ranges stored in the file
+    ranges: list[list[float]] | None = None  # null = half the parameter ranges stored in the file
     resolutions: Any = 25  # int, or one int per parameter
 
 

@@ -122,7 +122,8 @@ def _objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: float | None) -> None:
     log.info("outputs: %s/{samples,model,results,plots}", out_dir)
-    keys = ["train_loss", "val_loss"] + sorted(k for k in metrics if k.endswith(("cl68_fraction", "_det")))
+    keys = ["train_loss", "val_loss", "truth_log_r_mse", "truth_score_mse", "truth_log_likelihood_gap"]
+    keys += sorted(k for k in metrics if k.endswith(("cl68_fraction", "_iou", "_det")))
     shown = [f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
     if shown:
         log.info("metrics: %s", " ".join(shown))

@@ -45,7 +45,7 @@ def theta_true(cfg: DictConfig, info: FileInfo) -> np.ndarray:
 def grid_ranges(cfg: DictConfig, info: FileInfo) -> list[tuple[float, float]]:
     ranges = cfg.evaluation.grid.ranges
     if ranges is None:
-        return [(2.0 * lo, 2.0 * hi) for lo, hi in info.parameter_ranges]
+        return [(0.5 * lo, 0.5 * hi) for lo, hi in info.parameter_ranges]
     return [tuple(map(float, r)) for r in ranges]
 
 
