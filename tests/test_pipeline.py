@@ -162,3 +162,36 @@ def test_tracking_disabled_never_imports_mlflow(tmp_path, cache_dir):
     assert "MLFLOW False" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "x_train.npy").exists()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_progress_is_a_bar_on_a_terminal(tmp_path):
+    """On a terminal the per-epoch progress is a tqdm bar (in logs and CI it is one line per epoch)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    script = tmp_path / "progress.py"
+    script.write_text(
+        "from app.pipeline import _progress\n"
+        "with _progress(3) as on_epoch:\n"
+        "    for epoch in (1, 2, 3):\n"
+        "        on_epoch(epoch, 3, 1.0, 0.5)\n"
+    )
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=child, stdout=child, stderr=child, close_fds=True)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0
+    text = out.decode(errors="replace")
+    assert "train: 100%" in text and "3/3" in text and "val=0.5000" in text, text[-2000:]
