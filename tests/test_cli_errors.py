@@ -61,6 +61,7 @@ def test_unknown_training_preset(run_app):
         (["training=sally", "training.estimator=parameterized"], ["cannot train method sally"]),
         (["training=sally", "evaluation.modes=[ml]"], ["needs a ratio or density model"]),
         (["stage=train"], ["stage=train needs training samples", "sampling.samples_dir="]),
+        (["objective.metric=val_los"], ["objective.metric=val_los", "val_loss"]),
         (["stage=evaluate"], ["training.model_dir="]),
         (["stage=train", "sampling.samples_dir=/nonexistent"], ["no samples in /nonexistent"]),
     ],
@@ -74,5 +75,5 @@ def test_bad_config_values(run_app, tmp_path, args, needles):
 
 
 def test_objective_metric_must_exist(run_app, tmp_path):
-    proc = run_app(*TINY, "objective.metric=nope", "evaluation.fisher.enabled=false", check=False)
-    _assert_clean_error(proc, "objective.metric=nope", "val_loss")
+    proc = run_app(*TINY, "objective.metric=limits_nope", "evaluation.fisher.enabled=false", check=False)
+    _assert_clean_error(proc, "objective.metric=limits_nope", "val_loss")
