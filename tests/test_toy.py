@@ -47,10 +47,11 @@ def toy1(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- module hygiene
-def test_import_does_not_load_madminer_or_torch():
+@pytest.mark.parametrize("module", ["app.toy", "app.truth"])
+def test_import_does_not_load_madminer_or_torch(module):
     src = str(Path(toy.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, app.toy; print(sorted(m for m in ('madminer', 'torch', 'h5py') if m in sys.modules))"
+    code = f"import sys, {module}; print(sorted(m for m in ('madminer', 'torch', 'h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

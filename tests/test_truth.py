@@ -7,10 +7,7 @@ the measured values and margins are listed in docs/toy.md ("Truth metrics").
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,14 +37,6 @@ def _metrics(run_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- the closed form
-def test_import_does_not_load_madminer_torch_or_h5py():
-    src = str(Path(toy.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, app.truth; print(sorted(m for m in ('madminer', 'torch', 'h5py') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
 @pytest.mark.parametrize("n_parameters", [1, 2])
 @pytest.mark.parametrize("smearing", [0.0, 0.5, 1.3])
 def test_log_likelihood_is_the_toy_density(n_parameters, smearing):

@@ -61,26 +61,22 @@ def run(results_dir: Path, model_dir: Path | None, out_dir: Path, parameter_name
             grid = np.load(results_dir / "grid.npy")
             truth = np.load(results_dir / "theta_true.npy")
             _limits_vs_truth(plt, grid, truth, truth_keys, results_dir, parameter_names, tmp / "limits_vs_truth.png")
-        if (results_dir / "truth_log_r_grid.npy").exists() and (results_dir / "test_log_r_grid_est.npy").exists():
-            _hist2d(
-                plt,
-                np.load(results_dir / "truth_log_r_grid.npy").ravel(),
-                np.load(results_dir / "test_log_r_grid_est.npy").ravel(),
-                "true log r(x | theta, theta_ref)",
-                "estimated log r(x | theta, theta_ref)",
-                "test events x evaluation grid",
-                tmp / "log_r_vs_truth.png",
-            )
-        if (results_dir / "test_score_truth.npy").exists() and (results_dir / "test_score_est.npy").exists():
-            _hist2d(
-                plt,
-                np.load(results_dir / "test_score_truth.npy").ravel(),
-                np.load(results_dir / "test_score_est.npy").ravel(),
-                "true score t(x | theta_ref)",
-                "estimated score t(x | theta_ref)",
-                "test events, all components",
-                tmp / "score_vs_truth.png",
-            )
+        for truth_file, estimate_file, what, sample, name in (
+            ("truth_log_r_grid", "test_log_r_grid_est", "log r(x | theta, theta_ref)", "test events x evaluation grid",
+             "log_r_vs_truth"),
+            ("test_score_truth", "test_score_est", "score t(x | theta_ref)", "test events, all components",
+             "score_vs_truth"),
+        ):
+            if (results_dir / f"{truth_file}.npy").exists() and (results_dir / f"{estimate_file}.npy").exists():
+                _hist2d(
+                    plt,
+                    np.load(results_dir / f"{truth_file}.npy").ravel(),
+                    np.load(results_dir / f"{estimate_file}.npy").ravel(),
+                    f"true {what}",
+                    f"estimated {what}",
+                    sample,
+                    tmp / f"{name}.png",
+                )
     return target
 
 
