@@ -89,6 +89,13 @@ class MLflowCallback(Callback):
         c = tracking.client(uri)
         run = c.create_run(self.experiment_id, run_name=name, tags={"sweep_dir": str(sweep_dir), "kind": "sweep"})
         tracking.set_tags(c, run.info.run_id, {"overrides": " ".join(config.hydra.overrides.task)})
+        if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
+            # A resumed study gets a new parent run: these tags tie every invocation to its study.
+            tracking.set_tags(c, run.info.run_id, {
+                "optuna.study_name": sweeper.get("study_name"),
+                "optuna.storage": tracking.redact_text(str(sweeper.get("storage"))),
+                "optuna.n_trials": sweeper.get("n_trials"),
+            })
         self.parent = {"run_id": run.info.run_id, "experiment_id": self.experiment_id, "uri": uri}
         self.config = config
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +124,11 @@ class MLflowCallback(Callback):
             log.warning("sweep comparison failed: %s", err)
             tracking.set_tags(c, self.parent["run_id"], {"error": str(err).splitlines()[0] if str(err) else "?"})
             status = "FAILED"
+        from app.sweep import FAILURES, STATE
+
+        if FAILURES:
+            tracking.set_tags(c, self.parent["run_id"], {
+                "failed_jobs": "; ".join(f.line() for f in FAILURES), "stopped": STATE.get("stopped")})
         c.set_terminated(self.parent["run_id"], status)
         self.parent = None
 
@@ -163,7 +175,7 @@ class MLflowCallback(Callback):
                 experiment_id=experiment_id, run_name=_run_name(config), parent_run_id=parent_id
             )
         run_id = run.info.run_id
-        _active.update(run_id=run_id, uri=uri)
+        _active.update(run_id=run_id, uri=uri, parent_id=parent_id)
         c = tracking.client(uri)
         job_only = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
@@ -285,6 +297,8 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
         _log_dataset(run_info)
     tracking.set_tags(c, run_id, tags)
 
+    objective = run_info.get("objective") or {}
+    tracking.set_tags(c, run_id, {f"objective.{k}": v for k, v in objective.items()})
     metrics = _read(out / "results" / "metrics.json") or {}
     triples = []
     for entry in metrics.get("loss_history", []):
@@ -295,6 +309,10 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     value = getattr(job_return, "_return_value", None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         triples.append(("objective", value, 0))
+        parent_id = _active.get("parent_id")
+        if parent_id:  # the parent's chart of the objective per trial (step = job number)
+            job_num = OmegaConf.select(config, "hydra.job.num", default=0)
+            tracking.log_metrics(c, parent_id, [("objective", value, int(job_num or 0))])
     tracking.log_metrics(c, run_id, triples)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,8 +28,9 @@ def summarise_sweep(c, parent: dict, config: DictConfig) -> str | None:
     runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
     if not runs:
         raise RuntimeError("the sweep has no child runs")
-    metric = config.objective.metric
-    direction = str(getattr(config.objective.direction, "value", config.objective.direction))
+    metric = config.objective.metric  # null: each child's own default (its method's loss term)
+    direction = config.objective.direction
+    direction = None if direction is None else str(getattr(direction, "value", direction))
     param_keys = sorted({k for r in runs for k in r.data.params})
     varied = [k for k in param_keys if len({r.data.params.get(k) for r in runs}) > 1]
     metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("epoch_")})
@@ -46,11 +47,7 @@ def summarise_sweep(c, parent: dict, config: DictConfig) -> str | None:
         row.update({k: r.data.metrics.get(k) for k in metric_keys})
         rows.append(row)
 
-    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
-    best = None
-    if scored:
-        pick = min if direction == "minimize" else max
-        best = pick(scored, key=lambda r: r.data.metrics[metric])
+    best, per_method, metric, direction, reason = pick_best(runs, metric, direction)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -63,23 +60,79 @@ def summarise_sweep(c, parent: dict, config: DictConfig) -> str | None:
             "direction": direction,
             "n_children": len(runs),
             "n_finished": sum(r.info.status == "FINISHED" for r in runs),
+            "n_failed": sum(r.info.status == "FAILED" for r in runs),
             "varied_params": varied,
+            "comparable": best is not None,
+            "why": reason,
             "best_run_id": best.info.run_id if best else None,
             "best_run_name": best.data.tags.get("mlflow.runName") if best else None,
             "best_objective": best.data.metrics[metric] if best else None,
+            "best_per_method": {
+                m: {"run_id": r.info.run_id, "run_name": r.data.tags.get("mlflow.runName"),
+                    "metric": _objective_of(r, metric), "value": r.data.metrics[_objective_of(r, metric)]}
+                for m, r in per_method.items()
+            },
         }
         (tmp / "best.json").write_text(json.dumps(summary, indent=2))
-        _objective_plot(runs, metric, best, tmp / "objective.png")
+        _objective_plot(runs, metric or "objective", best, tmp / "objective.png")
         if len({r.data.tags.get("training") for r in runs}) > 1:
             _methods_overlay(runs, tmp / "limits_by_method.png")
         c.log_artifacts(parent["run_id"], str(tmp), "comparison")
 
-    tags = {"n_children": len(runs)}
+    tags = {"n_children": len(runs), "n_failed": summary["n_failed"], "comparison": reason}
     if best:
         tags.update({"best_run_id": best.info.run_id, "best_run_name": summary["best_run_name"]})
         tracking.log_metrics(c, parent["run_id"], [(f"best_{metric}", best.data.metrics[metric], 0)])
+    for m, r in per_method.items():
+        tags[f"best_run_name.{m}"] = r.data.tags.get("mlflow.runName")
     tracking.set_tags(c, parent["run_id"], tags)
     return best.info.run_id if best else None
+
+
+def _objective_of(run, metric: str | None) -> str | None:
+    return metric or run.data.tags.get("objective.metric")
+
+
+def pick_best(runs, metric: str | None, direction: str | None):
+    """(best run or None, best run per method, metric, direction, why) under app.metrics' comparability rules.
+
+    ``metric=None``: each child was scored with its own method's default objective; one metric for all children is
+    needed for a cross-trial best.
+    """
+    from app import metrics
+
+    finished = [r for r in runs if r.info.status == "FINISHED" and _objective_of(r, metric) in r.data.metrics]
+    names = {_objective_of(r, metric) for r in finished}
+    if not finished:
+        return None, {}, metric, direction, "no child finished with its objective"
+    if len(names) > 1:
+        # Per method, each with its own default objective.
+        per_method = {}
+        for method in sorted({r.data.params.get("training.method") for r in finished}):
+            group = [r for r in finished if r.data.params.get("training.method") == method]
+            name = _objective_of(group[0], metric)
+            _, best_of, _ = metrics.best(name, metrics.spec(name).direction, [_child(r, name) for r in group])
+            if method in best_of:
+                per_method[method] = next(r for r in group if r.info.run_id == best_of[method].run_id)
+        why = (f"each method was scored with its own loss term ({', '.join(sorted(names))}), which are not comparable; "
+               "set objective.metric to limits_cl68_area or a truth_* metric to rank methods")
+        return None, per_method, None, None, why
+    name = names.pop()
+    direction = direction or metrics.spec(name).direction
+    overall, best_of, why = metrics.best(name, direction, [_child(r, name) for r in finished])
+    by_id = {r.info.run_id: r for r in finished}
+    best = by_id[overall.run_id] if overall else None
+    return best, {m: by_id[ch.run_id] for m, ch in best_of.items()}, name, direction, why
+
+
+def _child(run, metric: str):
+    from app import metrics
+
+    params = run.data.params
+    sampling = {k: v for k, v in params.items() if k.startswith(("sampling.", "data.")) and k != "sampling.samples_dir"}
+    samples_key = run.data.tags.get("cache.sample.key") or json.dumps(sampling, sort_keys=True)
+    return metrics.Child(run.info.run_id, params.get("training.method"), run.data.metrics[metric],
+                         params.get("training.alpha"), samples_key)
 
 
 def _objective_plot(runs, metric: str, best, path: Path) -> None:

@@ -128,8 +128,9 @@ class SamplingConfig:
     theta1: ThetaSpec | None = None
     theta: ThetaSpec | None = None
     n_samples: int = 10000
+    n_validation_samples: int | None = None  # drawn from the validation partition; null = n_samples // 4
     test_split: float = 0.2
-    validation_split: float = 0.2
+    validation_split: float = 0.2  # fraction of events reserved for validation samples
     n_processes: int = 1
     include_nuisance: bool = False
     sample_only_from_closest_benchmark: bool = True
@@ -152,7 +153,9 @@ class TrainingConfig:
     batch_size: int = 128
     initial_lr: float = 0.001
     final_lr: float = 0.0001
-    validation_split: float = 0.25
+    # 0 = validate on samples from MadMiner's validation partition (sampling.validation_split); > 0 = MadMiner's
+    # in-sample split of the training samples (an opt-out: they are drawn with replacement, so it leaks)
+    validation_split: float = 0.0
     early_stopping: bool = True
     scale_inputs: bool = True
     clip_gradient: float | None = None
@@ -211,8 +214,8 @@ class PathsConfig:
 
 @dataclass
 class ObjectiveConfig:
-    metric: str = "val_loss"
-    direction: Direction = Direction.minimize
+    metric: str | None = None  # null = the method's alpha-independent validation term (app.metrics)
+    direction: Direction | None = None  # null = the metric's own direction (app.metrics)
 
 
 @dataclass

@@ -48,6 +48,16 @@ def task(cfg: DictConfig) -> float | None:
         # In a multirun this job fails (Hydra records it) and the sweep goes on.
         logging.getLogger("app").error("error: %s", err)
         raise
+    except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The sweep ends with one line per failed job; the traceback goes to the job's folder.
+            import traceback
+
+            out = Path(HydraConfig.get().runtime.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text("".join(traceback.format_exception(err)))
+            logging.getLogger("app").error("error: %s: %s (traceback: %s)", type(err).__name__, err, out / "error.txt")
+        raise
 
 
 def _end_tracking(status: str, error: BaseException | None) -> None:

@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> float | None:
 
     _quiet_libraries(cfg.verbose)
     hydra_cfg = HydraConfig.get()
+    _share_cores(hydra_cfg)
     cfg = _plain(cfg)
     out_dir = Path(cfg.paths.output_dir)
     stage = cfg.stage
@@ -42,6 +43,10 @@ def run(cfg: DictConfig) -> float | None:
     with _timed("data"):
         info = datafile.resolve(cfg.data, cfg.paths.cache_dir)
         method = check_config(cfg, info)
+    from app import metrics as metric_table
+
+    objective = metric_table.objective(cfg.objective.metric, cfg.objective.direction, method.name)
+    _check_search_objective(hydra_cfg, objective[0])
     log.info(
         "data: %s (%d events; parameters %s; observables %s)",
         info.path,
@@ -56,7 +61,8 @@ def run(cfg: DictConfig) -> float | None:
     # What the tracking callback reads about this job (stages themselves know nothing about MLflow).
     run_file = out_dir / "run.json"
     update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": datafile.sha256(info.path),
-                           "method": method.name, "stages": list(stages)})
+                           "method": method.name, "stages": list(stages),
+                           "objective": {"metric": objective[0], "direction": objective[1]}})
 
     samples = model = results = None
     metrics: dict = {}
@@ -103,13 +109,12 @@ def run(cfg: DictConfig) -> float | None:
 
     update_json(run_file, {"reused": {"samples": bool(samples and samples.reused),
                                       "model": bool(model and model.reused)}})
-    objective = _objective(cfg, metrics)
-    _summary(cfg, out_dir, metrics, objective)
-    return objective
+    value = _objective(objective[0], metrics)
+    _summary(cfg, out_dir, metrics, objective, value)
+    return value
 
 
-def _objective(cfg: DictConfig, metrics: dict) -> float | None:
-    name = cfg.objective.metric
+def _objective(name: str, metrics: dict) -> float | None:
     if not metrics:
         return None
     if name not in metrics:
@@ -120,15 +125,29 @@ def _objective(cfg: DictConfig, metrics: dict) -> float | None:
     return float(metrics[name])
 
 
-def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: float | None) -> None:
+def _check_search_objective(hydra_cfg, metric: str) -> None:
+    """An Optuna search must not rank trials with a number that a tuned parameter itself shifts."""
+    from app import metrics as metric_table
+
+    params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
+    found = metric_table.spec(metric)
+    if found is not None and found.scope == "setting" and "training.alpha" in params:
+        raise UserError(
+            f"objective.metric={metric} depends on training.alpha, which this search tunes (it would favour small "
+            "alpha whatever the estimator); use objective.metric=val_<loss term> (e.g. val_improved_xe), "
+            "limits_cl68_area or a truth_* metric"
+        )
+
+
+def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str, str], value: float | None) -> None:
     log.info("outputs: %s/{samples,model,results,plots}", out_dir)
-    keys = ["train_loss", "val_loss", "truth_log_r_mse", "truth_score_mse", "truth_log_likelihood_gap"]
-    keys += sorted(k for k in metrics if k.endswith(("cl68_fraction", "_iou", "_det")))
+    keys = ["train_loss", "val_loss"] + sorted(k for k in metrics if k.startswith("val_") and k != "val_loss")
+    keys += ["truth_log_r_mse", "truth_score_mse", "truth_log_likelihood_gap", "limits_cl68_area", "truth_limits_iou"]
     shown = [f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
     if shown:
         log.info("metrics: %s", " ".join(shown))
-    if objective is not None:
-        log.info("objective %s = %.6g (%s)", cfg.objective.metric, objective, cfg.objective.direction)
+    if value is not None:
+        log.info("objective %s = %.6g (%s)", objective[0], value, objective[1])
     if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
         log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1", cfg.tracking.uri)
 
@@ -138,6 +157,31 @@ def _plain(cfg: DictConfig) -> DictConfig:
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     OmegaConf.set_struct(plain, True)
     return plain
+
+
+def _share_cores(hydra_cfg) -> None:
+    """Parallel jobs of one machine (joblib launcher) split its cores: jobs x threads <= cores.
+
+    Otherwise every job's torch and BLAS use all cores and the jobs slow each other down.
+    """
+    import os
+
+    target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
+    if "joblib" not in target:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=-1) or -1)
+    n_jobs = cores if n_jobs <= 0 else n_jobs
+    threads = max(1, cores // max(1, n_jobs))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("joblib launcher: %d jobs on %d cores, %d thread(s) per job", n_jobs, cores, threads)
 
 
 @contextmanager

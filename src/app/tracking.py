@@ -90,7 +90,8 @@ def ensure_experiment(uri: str, name: str) -> str:
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return c.create_experiment(name)
+            # Without this tag MLflow 3's UI opens the experiment in its GenAI view.
+            return c.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # created concurrently by another process
             experiment = c.get_experiment_by_name(name)
             if experiment is None:

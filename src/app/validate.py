@@ -8,8 +8,6 @@ from app.datafile import FileInfo
 from app.errors import UserError
 from app.methods import MODEL_MODES, Method, get_method
 
-TRAINING_METRICS = ("val_loss", "train_loss", "best_epoch", "n_epochs_trained")
-METRIC_PREFIXES = ("limits_", "fisher_", "test_", "truth_")
 
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
@@ -85,12 +83,9 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
         or (isinstance(include, list) and include and all(isinstance(v, bool) for v in include))
     ):
         raise UserError("evaluation.include_xsec must be true, false or a list such as [true,false]")
-    metric = cfg.objective.metric
-    if metric not in TRAINING_METRICS and not metric.startswith(METRIC_PREFIXES):
-        raise UserError(
-            f"objective.metric={metric} is not a metric this app reports; use val_loss, train_loss or a metric of "
-            f"results/metrics.json ({', '.join(p + '*' for p in METRIC_PREFIXES)})"
-        )
+    from app import metrics
+
+    metrics.objective(cfg.objective.metric, cfg.objective.direction, method.name)
     for mode in limit_modes(cfg, method):
         families = MODEL_MODES.get(mode)
         if families and method.family not in families:

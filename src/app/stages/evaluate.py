@@ -24,7 +24,7 @@ from app.datafile import FileInfo
 from app.io import atomic_dir, read_json, write_json
 from app.methods import MODEL_MODES, Method
 from app.stages.sample import to_madminer_theta
-from app.stats import CL68_P_VALUE
+from app.stats import CL68_P_VALUE, region_size
 from app.validate import limit_modes
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
         np.save(tmp / f"p_values_{key}.npy", p_values)
         np.save(tmp / f"best_fit_{key}.npy", theta_grid[i_ml])
         metrics[f"limits_{key}_cl68_fraction"] = float(np.mean(p_values > CL68_P_VALUE))
+        metrics[f"limits_{key}_cl68_area"] = region_size(theta_grid, p_values)
         metrics[f"limits_{key}_best_fit_distance"] = float(np.linalg.norm(theta_grid[i_ml] - true_point))
         log.info(
             "limits %-10s 68%% CL covers %.1f%% of the grid, best fit %s",
@@ -170,6 +171,12 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
             metrics[f"truth_limits_{key}_iou"] = iou
             metrics[f"truth_limits_{key}_best_fit_distance"] = distance
             log.info("limits %-10s vs truth: 68%% CL IoU %.3f, best fits %.3g apart", key, iou, distance)
+    # The method's own mode (with the cross section) under names that mean the same for every method.
+    own = method.limit_mode
+    if f"limits_{own}_cl68_area" in metrics:
+        metrics["limits_cl68_area"] = metrics[f"limits_{own}_cl68_area"]
+    if f"truth_limits_{own}_iou" in metrics:
+        metrics["truth_limits_iou"] = metrics[f"truth_limits_{own}_iou"]
     if theta_grid is not None:
         np.save(tmp / "grid.npy", theta_grid)
         np.save(tmp / "theta_true.npy", true_point)

@@ -20,6 +20,7 @@ from app.methods import Method
 log = logging.getLogger(__name__)
 
 FILENAME = "train"  # madminer's file suffix: x_train.npy, theta0_train.npy, ...
+VAL_FILENAME = "val"  # validation samples from MadMiner's validation partition: x_val.npy, ...
 
 
 @dataclass
@@ -28,6 +29,7 @@ class SampleResult:
     n_samples: int
     n_effective: float | None
     reused: bool = False
+    n_validation: int = 0
 
 
 def to_madminer_theta(spec: DictConfig):
@@ -70,29 +72,23 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
         filename=FILENAME,
     )
     target = out_dir / "samples"
+    n_val = n_validation_samples(s)
     with atomic_dir(target) as tmp:
         common["folder"] = str(tmp)
-        estimator = cfg.training.estimator
-        if method.sampling == "ratio" and estimator == "double_parameterized":
-            result = augmenter.sample_train_more_ratios(
-                theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
-            )
-        elif method.sampling == "ratio":
-            result = augmenter.sample_train_ratio(
-                theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
-            )
-        elif method.sampling == "local":
-            result = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
-        else:
-            result = augmenter.sample_train_density(theta=to_madminer_theta(s.theta), **common)
-        x, n_effective = result[0], result[-1]
+        x, n_effective = _draw(augmenter, cfg, method, common)
+        x_val = None
+        if n_val:
+            # Same theta spec, MadMiner's validation partition: no validation event is a training event.
+            val = dict(common, n_samples=n_val, partition="validation", filename=VAL_FILENAME)
+            x_val, _ = _draw(augmenter, cfg, method, val)
         write_json(
             tmp / "samples.json",
             {
                 "kind": method.sampling,
-                "estimator": estimator,
+                "estimator": cfg.training.estimator,
                 "method": method.name,
                 "n_samples": int(x.shape[0]),
+                "n_validation": 0 if x_val is None else int(x_val.shape[0]),
                 "n_effective": float(np.min(n_effective)),
                 "data_path": str(info.path),
                 "parameters": list(info.parameters),
@@ -100,8 +96,36 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
                 "sampling": OmegaConf.to_container(s, resolve=True, enum_to_str=True),
             },
         )
-    log.info("sampled %d training samples into %s", x.shape[0], target)
-    return SampleResult(target, int(x.shape[0]), float(np.min(n_effective)))
+    n_val_drawn = 0 if x_val is None else int(x_val.shape[0])
+    log.info("sampled %d training and %d validation samples into %s", x.shape[0], n_val_drawn, target)
+    return SampleResult(target, int(x.shape[0]), float(np.min(n_effective)), n_validation=n_val_drawn)
+
+
+def n_validation_samples(s: DictConfig) -> int:
+    """Validation samples to draw from MadMiner's validation partition (0 when there is none)."""
+    if s.validation_split <= 0:
+        return 0
+    if s.get("n_validation_samples") is not None:
+        return int(s.n_validation_samples)
+    return max(1, s.n_samples // 4)
+
+
+def _draw(augmenter, cfg: DictConfig, method: Method, common: dict):
+    """One call of the SampleAugmenter method that ``method`` trains on; returns (x, n_effective)."""
+    s = cfg.sampling
+    if method.sampling == "ratio" and cfg.training.estimator == "double_parameterized":
+        result = augmenter.sample_train_more_ratios(
+            theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+        )
+    elif method.sampling == "ratio":
+        result = augmenter.sample_train_ratio(
+            theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+        )
+    elif method.sampling == "local":
+        result = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
+    else:
+        result = augmenter.sample_train_density(theta=to_madminer_theta(s.theta), **common)
+    return result[0], result[-1]
 
 
 def load(samples_dir: Path, method: Method) -> SampleResult:
@@ -118,10 +142,12 @@ def load(samples_dir: Path, method: Method) -> SampleResult:
             f"{samples_dir} holds sampling={meta['kind']} samples but training={method.name} needs "
             f"sampling={method.sampling}; point sampling.samples_dir at matching samples"
         )
-    return SampleResult(samples_dir, meta["n_samples"], meta.get("n_effective"), reused=True)
+    return SampleResult(
+        samples_dir, meta["n_samples"], meta.get("n_effective"), reused=True, n_validation=meta.get("n_validation", 0)
+    )
 
 
-def arrays(samples_dir: Path) -> dict[str, Path]:
-    """MadMiner .npy files of a samples folder by their name (x, theta0, r_xz, ...)."""
-    suffix = f"_{FILENAME}.npy"
+def arrays(samples_dir: Path, filename: str = FILENAME) -> dict[str, Path]:
+    """MadMiner .npy files of a samples folder by their name (x, theta0, r_xz, ...); ``filename="val"``: validation."""
+    suffix = f"_{filename}.npy"
     return {p.name[: -len(suffix)]: p for p in sorted(samples_dir.glob(f"*{suffix}"))}

@@ -37,9 +37,16 @@ class TrainResult:
     reused: bool = False
 
 
-def training_inputs(method: Method, estimator: str, files: dict[str, Path]) -> dict:
-    """Which sample files go into ``Estimator.train`` for this method and estimator."""
+def training_inputs(method: Method, estimator: str, files: dict[str, Path], suffix: str = "") -> dict:
+    """Which sample files go into ``Estimator.train`` for this method and estimator.
 
+    ``suffix="_val"``: the same inputs as MadMiner's external validation arguments (``x_val``, ``theta_val``, ...).
+    """
+    inputs = _inputs(method, estimator, files)
+    return {f"{k}{suffix}": v for k, v in inputs.items()}
+
+
+def _inputs(method: Method, estimator: str, files: dict[str, Path]) -> dict:
     def need(key: str) -> str:
         if key not in files:
             raise UserError(f"samples lack {key}_train.npy needed by {method.name}; re-run the sample stage")
@@ -87,6 +94,7 @@ def run(
         )
     estimator_kind = t.estimator
     inputs = training_inputs(method, estimator_kind, files)
+    validation = _validation(cfg, method, estimator_kind, samples_dir)
     _select_device(t.device)
 
     import numpy as np
@@ -94,6 +102,7 @@ def run(
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    in_sample = t.validation_split > 0
     kwargs = dict(
         method=method.name,
         optimizer=t.optimizer,
@@ -101,13 +110,16 @@ def run(
         batch_size=t.batch_size,
         initial_lr=t.initial_lr,
         final_lr=t.final_lr,
-        validation_split=t.validation_split if t.validation_split > 0 else None,
-        early_stopping=t.early_stopping and t.validation_split > 0,
+        # MadMiner ignores validation_split when external validation data is given, but needs it non-None
+        # for early stopping
+        validation_split=t.validation_split if in_sample else (0.25 if validation else None),
+        early_stopping=t.early_stopping and (in_sample or bool(validation)),
         scale_inputs=t.scale_inputs,
         clip_gradient=t.clip_gradient,
         n_workers=t.n_workers,
         verbose="none",
         **inputs,
+        **({} if in_sample else validation),
     )
     if method.family != "score":
         kwargs["alpha"] = t.alpha
@@ -127,7 +139,9 @@ def run(
                 estimator.train(**kwargs)
                 estimator.save(str(tmp / MODEL_NAME))
                 model_name = MODEL_NAME
-        metrics = _loss_metrics(history)
+        _check_finished(history, t.n_estimators, t.n_epochs)
+        metrics = loss_metrics(history, early_stopping=kwargs["early_stopping"])
+        metrics["validation"] = "in-sample split (leaks)" if in_sample else ("partition" if validation else "none")
         write_json(
             tmp / "model.json",
             {
@@ -180,9 +194,52 @@ def _select_device(device: str) -> None:
             )
 
 
+def _validation(cfg: DictConfig, method: Method, estimator: str, samples_dir: Path) -> dict:
+    """MadMiner's external validation inputs (x_val, theta_val, ...) from the validation-partition samples."""
+    t = cfg.training
+    files = sample.arrays(samples_dir, sample.VAL_FILENAME)
+    if t.validation_split > 0:
+        log.warning(
+            "training.validation_split=%s validates on a split of the training samples, which MadMiner draws with "
+            "replacement: validation rows repeat training events and val_* metrics are optimistic. "
+            "training.validation_split=0 validates on the validation partition instead",
+            t.validation_split,
+        )
+        return {}
+    if "x" not in files:
+        log.warning(
+            "no validation samples in %s (sampling.validation_split=0?): training without validation, "
+            "no val_* metrics and no early stopping", samples_dir,
+        )
+        return {}
+    return training_inputs(method, estimator, files, suffix="_val")
+
+
+class TrainingFailed(UserError):
+    """Training ended without a usable model (NaN losses)."""
+
+
+def _check_finished(history: list[list[dict]], n_estimators: int, n_epochs: int) -> None:
+    """MadMiner ends training silently when a loss becomes NaN: a job with such a model must fail."""
+    for i in range(n_estimators):
+        run = history[i] if i < len(history) else []
+        bad = [e["epoch"] for e in run if not all(math.isfinite(v) for k, v in e.items() if k.endswith("loss"))]
+        if len(run) < n_epochs or bad:
+            epoch = bad[0] if bad else len(run) + 1
+            member = f" (ensemble member {i})" if n_estimators > 1 else ""
+            raise TrainingFailed(
+                f"training diverged: the loss became NaN or infinite in epoch {epoch}{member}; lower "
+                "training.initial_lr, set training.clip_gradient, or check the samples for extreme weights"
+            )
+
+
 @contextmanager
 def _epoch_hook(n_epochs: int, history: list[list[dict]], on_epoch):
-    """Record every epoch's losses (and report progress) through MadMiner's Trainer.report_epoch."""
+    """Record every epoch's losses (and report progress) through MadMiner's Trainer.report_epoch.
+
+    Besides the total (alpha-weighted) loss it records each loss term by MadMiner's label, unweighted:
+    ``train_improved_xe``, ``val_mse_score``, ... (these do not depend on alpha).
+    """
     from madminer.utils.ml.trainer import Trainer
 
     original = Trainer.__dict__["report_epoch"]  # a staticmethod in madminer 0.9.6
@@ -193,6 +250,11 @@ def _epoch_hook(n_epochs: int, history: list[list[dict]], on_epoch):
         entry = {"epoch": i_epoch + 1, "train_loss": float(loss_train)}
         if loss_val is not None:
             entry["val_loss"] = float(loss_val)
+        contributions = list(rest[:2]) + [None] * (2 - len(rest[:2]))
+        for prefix, values in zip(("train", "val"), contributions):
+            if values is not None and (prefix == "train" or loss_val is not None):
+                for label, value in zip(loss_labels, values):
+                    entry[f"{prefix}_{label}"] = float(value)
         history[-1].append(entry)
         if on_epoch is not None:
             on_epoch(i_epoch + 1, n_epochs, float(loss_train), None if loss_val is None else float(loss_val))
@@ -205,21 +267,37 @@ def _epoch_hook(n_epochs: int, history: list[list[dict]], on_epoch):
         Trainer.report_epoch = original
 
 
-def _loss_metrics(history: list[list[dict]]) -> dict:
-    """Final losses (mean over ensemble members) and per-epoch curves of the first member."""
+def saved_epoch(run: list[dict], early_stopping: bool) -> dict:
+    """The epoch whose weights were saved: MadMiner restores the best validation epoch under early stopping
+    (the first minimum of the total validation loss, if it beats the last epoch), else keeps the last."""
+    with_val = [e for e in run if "val_loss" in e and math.isfinite(e["val_loss"])]
+    if early_stopping and with_val:
+        best = min(with_val, key=lambda e: e["val_loss"])  # min() keeps the first of equal values
+        if best["val_loss"] < run[-1].get("val_loss", math.inf):
+            return best
+    return run[-1]
+
+
+def loss_metrics(history: list[list[dict]], early_stopping: bool) -> dict:
+    """Losses of the saved model (mean over ensemble members, plus their spread) and per-epoch curves.
+
+    Every key of the saved epoch but ``epoch`` becomes a metric: ``train_loss``, ``val_loss`` (the loss of the
+    model that is saved, not the minimum over epochs) and each term, ``val_improved_xe``, ``val_mse_score``, ...
+    """
+    import numpy as np
+
     if not history or not history[0]:
         return {}
-    finals = []
-    for run in history:
-        with_val = [e for e in run if "val_loss" in e and math.isfinite(e["val_loss"])]
-        best = min(with_val, key=lambda e: e["val_loss"]) if with_val else run[-1]
-        finals.append(best)
-    metrics = {
-        "train_loss": sum(f["train_loss"] for f in finals) / len(finals),
-        "n_epochs_trained": len(history[0]),
-        "loss_history": history[0],
-    }
-    if all("val_loss" in f for f in finals):
-        metrics["val_loss"] = sum(f["val_loss"] for f in finals) / len(finals)
-        metrics["best_epoch"] = finals[0]["epoch"]
+    finals = [saved_epoch(run, early_stopping) for run in history]
+    metrics: dict = {}
+    for key in finals[0]:
+        if key == "epoch" or not all(key in f for f in finals):
+            continue
+        values = np.array([f[key] for f in finals], dtype=float)
+        metrics[key] = float(values.mean())
+        if len(finals) > 1:
+            metrics[f"{key}_ensemble_std"] = float(values.std())
+    metrics["saved_epoch"] = finals[0]["epoch"]
+    metrics["n_epochs_trained"] = len(history[0])
+    metrics["loss_history"] = history[0]
     return metrics

@@ -1,0 +1,180 @@
+"""The one metric table: what each metric measures, its direction, and what it may be compared with.
+
+A sweep ranks its trials with ``objective.metric``. A number is only a ranking if every trial measures the same
+thing: the total training loss ``val_loss`` is ``first term + alpha * score term`` (so a smaller alpha "wins"
+whatever the estimator), the loss terms of different methods are different functions, and the validation
+samples must be the same draw. Each metric here says which trials it is comparable across:
+
+- ``all``: every method (the ``truth_*`` metrics of the toy, the limit strength ``limits_cl68_area``, the
+  estimator-independent Fisher information);
+- ``term``: methods of one family that report this loss term, on the same validation samples (``val_improved_xe``
+  is the same function for ALICE and ALICES, whatever their alpha);
+- ``family``: methods of one family (``fisher_full_*`` for score methods);
+- ``setting``: one method with one alpha and one sampling: the alpha-weighted totals ``val_loss``/``train_loss``.
+
+This module imports nothing heavy: it is used when the config is checked and when a sweep is compared.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# MadMiner 0.9.6's loss terms per method (madminer.utils.ml.utils.get_loss; tests/test_metrics.py checks them).
+LOSS_TERMS: dict[str, tuple[str, ...]] = {
+    "carl": ("xe",),
+    "rolr": ("mse_r",),
+    "alice": ("improved_xe",),
+    "alices": ("improved_xe", "mse_score"),
+    "cascal": ("xe", "mse_score"),
+    "rascal": ("mse_r", "mse_score"),
+    "sally": ("mse_score",),
+    "sallino": ("mse_score",),
+    "nde": ("nll",),
+    "scandal": ("nll", "mse_score"),
+}
+FAMILY = {
+    **{m: "ratio" for m in ("carl", "rolr", "alice", "alices", "cascal", "rascal")},
+    "sally": "score",
+    "sallino": "score",
+    "nde": "density",
+    "scandal": "density",
+}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    pattern: str  # regular expression over metric names
+    direction: str  # "minimize" | "maximize" | "" (informational, never an objective)
+    scope: str  # "all" | "term" | "family" | "setting" | "run"
+    meaning: str
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+_TERMS = "|".join(sorted({t for terms in LOSS_TERMS.values() for t in terms}))
+TABLE: tuple[MetricSpec, ...] = (
+    MetricSpec(rf"val_({_TERMS})", "minimize", "term",
+               "one loss term (unweighted, alpha-independent) of the saved model on the validation samples"),
+    MetricSpec(rf"train_({_TERMS})", "minimize", "term", "the same term on the training samples (optimistic)"),
+    MetricSpec(r"(val|train)_loss", "minimize", "setting",
+               "the total loss first term + alpha * score term of the saved model: depends on alpha"),
+    MetricSpec(r"truth_log_r_mse(_at_\w+)?", "minimize", "all",
+               "toy only: mean squared error of the estimated vs the exact log r(x|theta, theta1)"),
+    MetricSpec(r"truth_log_r_corr", "maximize", "all", "toy only: correlation of estimated and exact log r"),
+    MetricSpec(r"truth_score_mse", "minimize", "all", "toy only: MSE of the estimated vs the exact score"),
+    MetricSpec(r"truth_score_corr", "maximize", "all", "toy only: correlation of estimated and exact score"),
+    MetricSpec(r"truth_log_likelihood_gap", "minimize", "all", "toy only: KL(p || p_hat) estimate at theta_true"),
+    MetricSpec(r"truth_limits_iou", "maximize", "all",
+               "toy only: IoU of the method's own 68% CL region (with xsec) and the true one"),
+    MetricSpec(r"truth_limits_\w+_iou", "maximize", "all", "toy only: IoU of one mode's 68% CL region and the true one"),
+    MetricSpec(r"truth_limits_\w+_best_fit_distance", "minimize", "all",
+               "toy only: distance of the estimated and the true best fit"),
+    MetricSpec(r"limits_cl68_area", "minimize", "all",
+               "area (length, volume) of the method's own 68% CL region in parameter units, interpolated; smaller "
+               "is stronger, but only an honest estimator's region is worth having (check truth_limits_iou)"),
+    MetricSpec(r"limits_\w+_cl68_area", "minimize", "all", "the same area for one limit mode"),
+    MetricSpec(r"limits_\w+_cl68_fraction", "", "run", "fraction of grid cells inside the 68% CL region"),
+    MetricSpec(r"limits_\w+_best_fit_distance", "", "run", "distance of the best fit from theta_true"),
+    MetricSpec(r"fisher_(rate|histo)_\w+", "minimize", "all",
+               "Fisher information of the rate / a histogram: does not depend on the estimator"),
+    MetricSpec(r"fisher_full_gain_over_histo", "maximize", "family", "information the score adds over the histogram"),
+    MetricSpec(r"fisher_full_\w+", "minimize", "family", "Fisher information of the trained score (score methods)"),
+    MetricSpec(r"test_\w+", "", "run", "estimator vs MadMiner's joint (parton-level) quantities on test events"),
+    MetricSpec(r".*_ensemble_std", "", "run", "spread over the members of an ensemble"),
+    MetricSpec(r"saved_epoch|n_epochs_trained|best_epoch", "", "run", "bookkeeping"),
+)
+
+
+def spec(name: str) -> MetricSpec | None:
+    if name.endswith("_ensemble_std"):  # before the patterns its stem would match
+        return next(s for s in TABLE if s.pattern == r".*_ensemble_std")
+    return next((s for s in TABLE if s.matches(name)), None)
+
+
+def default_objective(method: str) -> str:
+    """The method's alpha-independent validation term: the first term of its loss."""
+    return f"val_{LOSS_TERMS[method][0]}"
+
+
+def objective(metric: str | None, direction: str | None, method: str) -> tuple[str, str]:
+    """(metric, direction) of ``objective.*`` with nulls filled in; raises UserError on a contradiction."""
+    from app.errors import UserError
+
+    metric = metric or default_objective(method)
+    found = spec(metric)
+    if found is None or not found.direction:
+        usable = ", ".join(s.pattern for s in TABLE if s.direction)
+        raise UserError(
+            f"objective.metric={metric} is not a metric this app can optimise; use one of (regex): {usable}"
+        )
+    if direction and direction != found.direction:
+        raise UserError(
+            f"objective.direction={direction} contradicts objective.metric={metric}, which is best "
+            f"{'low' if found.direction == 'minimize' else 'high'}; set objective.direction={found.direction}"
+        )
+    term = re.fullmatch(r"(?:val|train)_(\w+)", metric)
+    if found.scope == "term" and term and term.group(1) not in LOSS_TERMS[method]:
+        raise UserError(
+            f"objective.metric={metric}: training={method} has no loss term {term.group(1)} "
+            f"(its terms: {', '.join(LOSS_TERMS[method])}); use {default_objective(method)}"
+        )
+    return metric, found.direction
+
+
+@dataclass
+class Child:
+    """What a comparison needs of one finished trial."""
+
+    run_id: str
+    method: str
+    value: float
+    alpha: str | None = None  # as logged (a param string)
+    samples_key: str | None = None  # the sample stage's cache key: same key = same validation samples
+
+
+def comparable(metric: str, children: list[Child]) -> tuple[bool, str]:
+    """Whether ``metric`` ranks these trials against each other, and if not, why (one sentence)."""
+    found = spec(metric)
+    if found is None or not found.direction:
+        return False, f"{metric} is not an objective metric"
+    methods = sorted({c.method for c in children})
+    if found.scope == "all":
+        return True, f"{metric} measures the same thing for every method"
+    if found.scope == "family":
+        families = sorted({FAMILY[m] for m in methods})
+        if len(families) > 1:
+            return False, f"{metric} is only comparable within one method family (here: {', '.join(families)})"
+        return True, f"{metric} is comparable within the {families[0]} family"
+    if found.scope == "term":
+        families = sorted({FAMILY[m] for m in methods})
+        if len(families) > 1:
+            return False, (f"{metric} is a loss term, a different function in each family "
+                           f"({', '.join(families)}); rank methods with limits_cl68_area or truth_* metrics")
+        if len({c.samples_key for c in children}) > 1:
+            return False, f"{metric} was measured on different validation samples (the sampling settings differ)"
+        return True, f"{metric} does not depend on alpha and the trials share their validation samples"
+    # setting: the alpha-weighted total
+    if len(methods) > 1:
+        return False, f"{metric} is a different loss for each method ({', '.join(methods)}); use val_<term>"
+    if len({c.alpha for c in children}) > 1:
+        return False, (f"{metric} = first term + alpha * score term shrinks with alpha whatever the estimator; "
+                       f"rank with {default_objective(methods[0])} instead")
+    if len({c.samples_key for c in children}) > 1:
+        return False, f"{metric} was measured on different validation samples (the sampling settings differ)"
+    return True, f"{metric}: one method, one alpha, the same validation samples"
+
+
+def best(metric: str, direction: str, children: list[Child]) -> tuple[Child | None, dict[str, Child], str]:
+    """(cross-trial best or None, best per method, reason). The cross best exists only if the metric is
+    comparable across all these trials; the per-method best only where it is comparable within the method."""
+    pick = min if direction == "minimize" else max
+    ok, reason = comparable(metric, children)
+    overall = pick(children, key=lambda c: c.value) if ok and children else None
+    per_method: dict[str, Child] = {}
+    for method in sorted({c.method for c in children}):
+        group = [c for c in children if c.method == method]
+        if comparable(metric, group)[0]:
+            per_method[method] = pick(group, key=lambda c: c.value)
+    return overall, per_method, reason

@@ -1,0 +1,112 @@
+"""Sweeps that survive a bad trial: a failure budget around the launcher, and one line per failed job at the end.
+
+Hydra's BasicSweeper re-raises the first failed job's exception (with its traceback) after a batch, and the Optuna
+sweeper's ``max_failure_rate`` counts failures per batch (with ``n_jobs=1`` one failure is a rate of 1). The
+sweepers of ``hydra_plugins.madminer_sweeper`` launch through :class:`FailureBudget`, which records every failed
+job and stops launching once the failed fraction of all jobs so far exceeds ``max_failure_rate``; the
+:class:`SweepReport` callback ends the command with one line per failed job and exit code 1.
+
+Imported at Hydra's plugin discovery: nothing heavy here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("app.sweep")
+
+
+@dataclass
+class Failure:
+    job: int | None
+    overrides: list[str]
+    error: str
+
+    def line(self) -> str:
+        job = "?" if self.job is None else self.job
+        return f"failed: job {job} [{' '.join(self.overrides)}]: {self.error}"
+
+
+FAILURES: list[Failure] = []  # failed jobs of this process's sweep (the sweeper and the callbacks share it)
+STATE: dict[str, Any] = {"launched": 0, "stopped": None}
+
+
+class BudgetExceeded(Exception):
+    """More jobs failed than ``max_failure_rate`` allows: launch no more."""
+
+
+def error_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class FailureBudget:
+    """Wraps a launcher's ``launch``: records failures, raises BudgetExceeded after a batch that overspends."""
+
+    def __init__(self, launch, max_failure_rate: float) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate}")
+        self._launch = launch
+        self.max_failure_rate = max_failure_rate
+        FAILURES.clear()
+        STATE.update(launched=0, stopped=None)
+
+    def __call__(self, job_overrides, initial_job_idx: int):
+        from hydra.core.utils import JobStatus
+
+        returns = self._launch(job_overrides, initial_job_idx=initial_job_idx)
+        for i, ret in enumerate(returns):
+            if ret.status == JobStatus.FAILED:
+                num = _job_num(ret, initial_job_idx + i)
+                FAILURES.append(Failure(num, list(ret.overrides or []), error_line(ret._return_value)))
+        STATE["launched"] += len(returns)
+        rate = len(FAILURES) / max(1, STATE["launched"])
+        if FAILURES and rate > self.max_failure_rate:
+            STATE["stopped"] = (
+                f"stopped after {STATE['launched']} jobs: {len(FAILURES)} failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.max_failure_rate}"
+            )
+            log.error(STATE["stopped"])
+            raise BudgetExceeded(STATE["stopped"])
+        return returns
+
+
+def _job_num(ret, default: int) -> int:
+    try:
+        return int(ret.hydra_cfg.hydra.job.num)
+    except Exception:  # noqa: BLE001 - a job that failed early may lack its hydra config
+        return default
+
+
+def prepare_storage(storage: Any) -> None:
+    """sqlite needs the folder of its database file to exist before Optuna opens it."""
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        path = Path(storage[len("sqlite:///"):])
+        if str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
+class SweepReport(Callback):
+    """Ends a multirun with one line per failed job (overrides and error) and exit code 1; listed first under
+    ``hydra.callbacks`` so that its ``on_multirun_end`` runs last (after the MLflow summary)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not FAILURES:
+            return
+        sys.stdout.flush()
+        launched = STATE["launched"]
+        for failure in FAILURES:
+            print(failure.line(), file=sys.stderr)
+        summary = f"{len(FAILURES)} of {launched} jobs failed"
+        if STATE["stopped"]:
+            summary += f"; {STATE['stopped']}"
+        print(f"error: {summary} (outputs: {config.hydra.sweep.dir})", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,103 @@
+"""Failure-tolerant sweepers (``hydra/sweeper=tolerant``, ``hydra/sweeper=tolerant_optuna``): see app.sweep.
+
+Hydra only instantiates sweepers that live in the ``hydra_plugins`` namespace; the logic is in :mod:`app.sweep`
+(imported when a sweep starts, so Hydra's plugin scan stays cheap).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.sweeper import Sweeper
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from omegaconf import OmegaConf
+
+
+
+@dataclass
+class TolerantSweeperConf:
+    _target_: str = "hydra_plugins.madminer_sweeper.sweepers.TolerantSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+    max_failure_rate: float = 1.0  # a grid runs every job; lower it to stop early
+
+
+@dataclass
+class TolerantOptunaSweeperConf(OptunaSweeperConf):
+    _target_: str = "hydra_plugins.madminer_sweeper.sweepers.TolerantOptunaSweeper"
+    n_jobs: int = 1
+    max_failure_rate: float = 0.5  # over all trials so far, not per batch
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="tolerant", node=TolerantSweeperConf,
+                             provider="madminer-sweeper")
+ConfigStore.instance().store(group="hydra/sweeper", name="tolerant_optuna", node=TolerantOptunaSweeperConf,
+                             provider="madminer-sweeper")
+
+
+class TolerantSweeper(BasicSweeper):
+    """Hydra's BasicSweeper (grids), but a failed job does not end the sweep (see app.sweep)."""
+
+    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
+                 max_failure_rate: float = 1.0) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.max_failure_rate = max_failure_rate
+
+    def sweep(self, arguments: List[str]) -> Any:
+        params_conf = self._parse_config()
+        params_conf.extend(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(params_conf)
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        from app.sweep import BudgetExceeded, FailureBudget
+
+        launch = FailureBudget(self.launcher.launch, self.max_failure_rate)
+        returns = []
+        initial_job_idx = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            try:
+                results = launch(batch, initial_job_idx=initial_job_idx)
+            except BudgetExceeded:
+                break
+            initial_job_idx += len(batch)
+            returns.append(results)
+        return returns
+
+
+class TolerantOptunaSweeper(Sweeper):
+    """The Optuna sweeper with a failure budget over all trials, and a sqlite storage folder created first."""
+
+    def __init__(self, max_failure_rate: float = 0.5, **kwargs: Any) -> None:
+        from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+        self._inner = OptunaSweeper(max_failure_rate=1.0, **kwargs)  # the budget below decides
+        self.max_failure_rate = max_failure_rate
+        self.storage = kwargs.get("storage")
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self._inner.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        from app.sweep import FailureBudget
+
+        impl = self._inner.sweeper
+        impl.launcher.launch = FailureBudget(impl.launcher.launch, self.max_failure_rate)
+
+    def sweep(self, arguments: List[str]) -> None:
+        from app.sweep import BudgetExceeded, prepare_storage
+
+        prepare_storage(self.storage)
+        try:
+            self._inner.sweep(arguments)
+        except BudgetExceeded:
+            pass
+        except ValueError as err:  # study.best_trial when no trial completed: the report says why
+            if "No trials are completed" not in str(err) and "Record does not exist" not in str(err):
+                raise
