@@ -334,23 +334,33 @@ def test_digest_is_memoised_and_recomputed_when_size_or_mtime_change(tmp_path, m
     assert file_digest(data, root) and len(reads) == 4
 
 
-def test_concurrent_digests_of_several_files_all_land_in_the_memo(tmp_path):
-    root, go = tmp_path / "c", tmp_path / "go"
+def test_concurrent_jobs_hash_each_file_once_and_every_digest_lands_in_the_memo(tmp_path):
+    """Eight processes, two per file, at once: four reads in all, and no memo update is lost."""
+    root, go, reads = tmp_path / "c", tmp_path / "go", tmp_path / "reads.log"
     files = []
     for i in range(4):
         files.append(tmp_path / f"f{i}.h5")
-        files[-1].write_bytes(bytes([i]) * 100_000)
+        files[-1].write_bytes(bytes([i]) * 8_000_000)
     code = (
-        "import sys, time; from pathlib import Path; from app.cache import file_digest\n"
-        "while not Path(sys.argv[3]).exists(): time.sleep(0.01)\n"
-        "print(file_digest(sys.argv[1], sys.argv[2]))"
+        "import sys, time; from pathlib import Path; from app import cache\n"
+        "real = cache._sha256_file\n"
+        "def spy(p):\n"
+        "    with open(sys.argv[4], 'a') as f: f.write(str(p) + '\\n')\n"
+        "    return real(p)\n"
+        "cache._sha256_file = spy\n"
+        "while not Path(sys.argv[3]).exists(): time.sleep(0.001)\n"
+        "print(cache.file_digest(sys.argv[1], sys.argv[2]))"
     )
     cmd = [sys.executable, "-c", code]
-    procs = [subprocess.Popen([*cmd, str(f), str(root), str(go)], env=ENV, stdout=subprocess.PIPE) for f in files]
+    procs = [
+        subprocess.Popen([*cmd, str(f), str(root), str(go), str(reads)], env=ENV, stdout=subprocess.PIPE)
+        for f in files * 2
+    ]
     go.touch()
     outs = [p.communicate(timeout=60)[0].decode().strip() for p in procs]
     expected = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    assert outs == expected
+    assert outs == expected * 2
+    assert sorted(reads.read_text().split()) == sorted(str(f.resolve()) for f in files)
     memo = json.loads((root / "digests.json").read_text())
     assert {k: v["sha256"] for k, v in memo.items()} == {str(f.resolve()): d for f, d in zip(files, expected)}
 
