@@ -26,17 +26,32 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """Shared by the whole session: the generated toy files (and the stage cache of tests that use it)."""
     return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
-def run_app(tmp_path, cache_dir):
-    """Run ``python -m app ARGS`` in ``tmp_path``; returns the CompletedProcess (output in .out)."""
+def test_cache(tmp_path, cache_dir) -> Path:
+    """A stage cache of this test alone (no test reuses another test's samples or models), sharing the toys."""
+    own = tmp_path / "cache"
+    own.mkdir(exist_ok=True)
+    (cache_dir / "toy").mkdir(exist_ok=True)
+    if not (own / "toy").exists():
+        (own / "toy").symlink_to(cache_dir / "toy", target_is_directory=True)
+    return own
+
+
+@pytest.fixture
+def run_app(tmp_path, test_cache):
+    """Run ``python -m app ARGS`` in ``tmp_path``; returns the CompletedProcess (output in .out).
+
+    The stage cache is per test (``test_cache``): runs of one test may reuse each other's stages.
+    """
 
     def run(
         *args: str, check: bool = True, tracking: str = "disabled", run_dir: Path | None = None, timeout=600
     ):
-        env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "app", *args]
         if tracking and not any(a.startswith("tracking=") for a in args):
             cmd.append(f"tracking={tracking}")

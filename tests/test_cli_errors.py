@@ -63,7 +63,7 @@ def test_unknown_training_preset(run_app):
         (["stage=train"], ["stage=train needs training samples", "sampling.samples_dir="]),
         (["objective.metric=val_los"], ["objective.metric=val_los", "val_loss"]),
         (["stage=evaluate"], ["training.model_dir="]),
-        (["stage=train", "sampling.samples_dir=/nonexistent"], ["no samples in /nonexistent"]),
+        (["stage=train", "sampling.samples_dir=/nonexistent"], ["sampling.samples_dir=/nonexistent", "not a folder"]),
     ],
 )
 def test_bad_config_values(run_app, tmp_path, args, needles):

@@ -176,6 +176,10 @@ class MLflowCallback(Callback):
             )
         run_id = run.info.run_id
         _active.update(run_id=run_id, uri=uri, parent_id=parent_id)
+        # The pipeline records it as the producer of the stage outputs it caches (app.provenance).
+        from app.io import update_json
+
+        update_json(Path(hydra.runtime.output_dir) / "run.json", {"mlflow_run_id": run_id})
         c = tracking.client(uri)
         job_only = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
@@ -292,6 +296,8 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     out = Path(config.hydra.runtime.output_dir)
     run_info = _read(out / "run.json") or {}
     tags = {f"reused.{k}": str(v).lower() for k, v in run_info.get("reused", {}).items()}
+    for stage, record in (run_info.get("cache") or {}).items():  # cache.sample.key, .status, .source, ...
+        tags.update({f"cache.{stage}.{k}": v for k, v in record.items()})
     if run_info.get("data_path"):
         tags.update({"data.path": run_info["data_path"], "data.sha256": run_info.get("data_sha256")})
         _log_dataset(run_info)

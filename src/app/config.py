@@ -213,6 +213,14 @@ class PathsConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The stage cache under paths.cache_dir (app.cache): samples, models and results keyed by what made them."""
+
+    enabled: bool = True
+    clear: bool = False  # python -m app cache.clear=true empties the cache and exits
+
+
+@dataclass
 class ObjectiveConfig:
     metric: str | None = None  # null = the method's alpha-independent validation term (app.metrics)
     direction: Direction | None = None  # null = the metric's own direction (app.metrics)
@@ -226,6 +234,7 @@ class Config:
     evaluation: EvaluationConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     stage: Stage = Stage.all
     seed: int = 42

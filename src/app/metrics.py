@@ -52,6 +52,12 @@ class MetricSpec:
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
 
+    @property
+    def label(self) -> str:
+        """The pattern as a person reads it: val_<term>, limits_<mode>_cl68_area, ..."""
+        text = self.pattern.replace(f"({_TERMS})", "<term>").replace(r"(_at_\w+)?", "[_at_<benchmark>]")
+        return text.replace(r"\w+", "<x>").replace("(val|train)", "val|train").replace("(rate|histo)", "rate|histo")
+
 
 _TERMS = "|".join(sorted({t for terms in LOSS_TERMS.values() for t in terms}))
 TABLE: tuple[MetricSpec, ...] = (
@@ -105,9 +111,11 @@ def objective(metric: str | None, direction: str | None, method: str) -> tuple[s
     metric = metric or default_objective(method)
     found = spec(metric)
     if found is None or not found.direction:
-        usable = ", ".join(s.pattern for s in TABLE if s.direction)
+        terms = ", ".join(f"val_{t}" for t in LOSS_TERMS[method])
+        usable = ", ".join(s.label for s in TABLE if s.direction)
         raise UserError(
-            f"objective.metric={metric} is not a metric this app can optimise; use one of (regex): {usable}"
+            f"objective.metric={metric} is not a metric this app can optimise; use {terms} (training={method}'s "
+            f"loss terms) or one of: {usable}"
         )
     if direction and direction != found.direction:
         raise UserError(

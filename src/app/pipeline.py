@@ -29,6 +29,12 @@ def run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     _share_cores(hydra_cfg)
     cfg = _plain(cfg)
+    if cfg.cache["clear"]:  # (item access: DictConfig.clear is a method)
+        from app import cache
+
+        freed = cache.StageCache(cfg.paths.cache_dir).clear()
+        log.info("emptied the cache %s (%.1f MB freed)", cfg.paths.cache_dir, freed / 1e6)
+        return None
     out_dir = Path(cfg.paths.output_dir)
     stage = cfg.stage
     stages = STAGES if stage == "all" else (stage,)
@@ -55,43 +61,53 @@ def run(cfg: DictConfig) -> float | None:
         ", ".join(info.observables),
     )
 
-    from app.io import update_json
+    from app import cache as cache_mod
+    from app.io import read_json, update_json
     from app.stages import evaluate, plot, sample, train
 
     # What the tracking callback reads about this job (stages themselves know nothing about MLflow).
     run_file = out_dir / "run.json"
-    update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": datafile.sha256(info.path),
+    digest = cache_mod.file_digest(info.path, cfg.paths.cache_dir)
+    update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": digest,
                            "method": method.name, "stages": list(stages),
                            "objective": {"metric": objective[0], "direction": objective[1]}})
+    producer = {"output_dir": str(out_dir), "mlflow_run_id": (read_json(run_file) or {}).get("mlflow_run_id")}
+    ctx = _Stages(cfg, method, info, out_dir, digest, producer)
 
     samples = model = results = None
     metrics: dict = {}
-    if "sample" in stages:
+    if "sample" in stages or ({"train", "evaluate"} & set(stages) and cfg.sampling.samples_dir):
         with _timed("sample"):
-            samples = sample.run(cfg, method, info, out_dir)
+            folder = ctx.produce("sample", lambda tmp: sample.run(cfg, method, info, tmp))
+            samples = sample.load(folder, method)
     if "train" in stages:
         if samples is None:
-            if not cfg.sampling.samples_dir:
-                raise UserError(
-                    "stage=train needs training samples; set sampling.samples_dir=<an earlier run>/samples "
-                    "(or run stage=all)"
-                )
-            samples = sample.load(Path(cfg.sampling.samples_dir), method)
+            raise UserError(
+                "stage=train needs training samples; set sampling.samples_dir=<an earlier run>/samples "
+                "(or run stage=all)"
+            )
         with _timed("train"), _progress(cfg.training.n_epochs) as on_epoch:
-            model = train.run(cfg, method, info, samples.samples_dir, out_dir, on_epoch=on_epoch)
+            folder = ctx.produce(
+                "train", lambda tmp: train.run(cfg, method, info, samples.samples_dir, tmp, on_epoch=on_epoch)
+            )
+            model = train.load(folder, method)
         metrics.update(model.metrics)
         if stage == "train":
             update_json(out_dir / "results" / "metrics.json", model.metrics)
     if "evaluate" in stages:
+        if model is None and cfg.training.model_dir:
+            model = train.load(ctx.given("train"), method)
         if model is None:
-            if not cfg.training.model_dir:
-                raise UserError(
-                    "stage=evaluate needs a trained model; set training.model_dir=<an earlier run>/model "
-                    "(or run stage=all)"
-                )
-            model = train.load(Path(cfg.training.model_dir), method)
+            raise UserError(
+                "stage=evaluate needs a trained model; set training.model_dir=<an earlier run>/model "
+                "(or run stage=all)"
+            )
         with _timed("evaluate"):
-            results = evaluate.run(cfg, method, info, model.model_file, out_dir, train_metrics=model.metrics)
+            folder = ctx.produce(
+                "evaluate",
+                lambda tmp: evaluate.run(cfg, method, info, model.model_file, tmp, train_metrics=model.metrics),
+            )
+            results = evaluate.load(folder)
         metrics = results.metrics
     if "plot" in stages:
         if results is None:
@@ -99,7 +115,7 @@ def run(cfg: DictConfig) -> float | None:
                 raise UserError(
                     "stage=plot needs evaluation results; set evaluation.results_dir=<an earlier run>/results"
                 )
-            results = evaluate.load(Path(cfg.evaluation.results_dir))
+            results = evaluate.load(ctx.given("evaluate"))
             metrics = results.metrics
         model_dir = (
             model.model_dir if model else (Path(cfg.training.model_dir) if cfg.training.model_dir else None)
@@ -107,11 +123,82 @@ def run(cfg: DictConfig) -> float | None:
         with _timed("plot"):
             plot.run(results.results_dir, model_dir, out_dir, list(info.parameters))
 
-    update_json(run_file, {"reused": {"samples": bool(samples and samples.reused),
-                                      "model": bool(model and model.reused)}})
+    update_json(run_file, {"cache": ctx.record,
+                           "reused": {"samples": ctx.reused("sample"), "model": ctx.reused("train")}})
     value = _objective(objective[0], metrics)
     _summary(cfg, out_dir, metrics, objective, value)
     return value
+
+
+class _Stages:
+    """Runs a stage through the stage cache (or takes the folder the user gave), and records what happened."""
+
+    def __init__(self, cfg: DictConfig, method, info, out_dir: Path, digest: str, producer: dict) -> None:
+        from app import cache, provenance
+
+        self.cfg, self.method, self.info, self.out_dir, self.digest = cfg, method, info, out_dir, digest
+        self.producer = producer
+        self.configs = provenance.stage_configs(cfg)
+        self.cache = cache.StageCache(cfg.paths.cache_dir, enabled=cfg.cache.enabled)
+        self.keys: dict[str, str] = {}
+        self.record: dict[str, dict] = {}
+
+    def reused(self, stage: str) -> bool:
+        return self.record.get(stage, {}).get("status") in ("reused", "given")
+
+    def _meta(self, stage: str) -> dict:
+        order = ["sample", "train", "evaluate"]
+        upstream = order[order.index(stage) - 1] if stage != "sample" else None
+        return {
+            "data_digest": self.digest,
+            "data_path": str(self.info.path),
+            "method": self.method.name,
+            "configs": {s: self.configs[s] for s in order[: order.index(stage) + 1]},
+            "upstream": self.keys.get(upstream) if upstream else None,
+            "produced_by": self.producer,
+        }
+
+    def given(self, stage: str) -> Path:
+        """A folder the user named (sampling.samples_dir, ...), after its provenance check."""
+        from app import provenance
+
+        folder = Path(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
+        found = provenance.check_given(stage, folder, self.configs, self.digest, self.method)
+        self.keys[stage] = found.get("key") or f"given:{folder}"
+        self.record[stage] = {"key": self.keys[stage], "status": "given", "source": str(folder),
+                              "source_run": (found.get("produced_by") or {}).get("mlflow_run_id")}
+        return folder
+
+    def produce(self, stage: str, build) -> Path:
+        """The stage's folder in the run dir: given, reused from the cache, or computed (and cached)."""
+        import shutil
+
+        from app import cache, provenance
+        from app.io import atomic_dir
+
+        name = provenance.FOLDERS[stage]
+        if OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]):
+            return self.given(stage)
+        meta = self._meta(stage)
+        key = cache.stage_key(stage, data_digest=self.digest, config=self.configs[stage], upstream=meta["upstream"])
+        self.keys[stage] = key
+        target = self.out_dir / name
+        if not self.cache.enabled:
+            build(self.out_dir)
+            cache.write_manifest(target, {**meta, "stage": stage, "key": key})
+            self.record[stage] = {"key": key, "status": "computed"}
+            return target
+        entry, reused = self.cache.get_or_create(stage, key, build, meta)
+        with atomic_dir(target) as tmp:  # the run dir holds its own verified copy
+            shutil.copytree(entry.path / name, tmp, dirs_exist_ok=True)
+            cache.write_manifest(tmp, entry.meta)
+        source = entry.meta.get("produced_by") or {}
+        self.record[stage] = {"key": key, "status": "reused" if reused else "computed",
+                              "source": source.get("output_dir"), "source_run": source.get("mlflow_run_id")}
+        if reused:
+            log.info("stage %-8s reused from the cache (key %s, made by %s)", stage, key[:12],
+                     source.get("output_dir", "?"))
+        return target
 
 
 def _objective(name: str, metrics: dict) -> float | None:

@@ -9,7 +9,6 @@ from app.errors import UserError
 from app.methods import MODEL_MODES, Method, get_method
 
 
-
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
     method = get_method(cfg.training.method)
     estimator = cfg.training.estimator

@@ -6,7 +6,7 @@ Hydra only instantiates sweepers that live in the ``hydra_plugins`` namespace; t
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -16,12 +16,11 @@ from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import OmegaConf
 
 
-
 @dataclass
 class TolerantSweeperConf:
     _target_: str = "hydra_plugins.madminer_sweeper.sweepers.TolerantSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
     max_failure_rate: float = 1.0  # a grid runs every job; lower it to stop early
 
 
@@ -41,12 +40,12 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tolerant_optuna", node
 class TolerantSweeper(BasicSweeper):
     """Hydra's BasicSweeper (grids), but a failed job does not end the sweep (see app.sweep)."""
 
-    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
+    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None,
                  max_failure_rate: float = 1.0) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.max_failure_rate = max_failure_rate
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         params_conf = self._parse_config()
         params_conf.extend(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -90,7 +89,7 @@ class TolerantOptunaSweeper(Sweeper):
         impl = self._inner.sweeper
         impl.launcher.launch = FailureBudget(impl.launcher.launch, self.max_failure_rate)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         from app.sweep import BudgetExceeded, prepare_storage
 
         prepare_storage(self.storage)
