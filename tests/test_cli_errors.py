@@ -60,9 +60,7 @@ def test_unknown_training_preset(run_app):
         (["training.estimator=quadratic_morphing_aware"], ["exactly 1 parameter", "data.n_parameters=1"]),
         (["training=sally", "training.estimator=parameterized"], ["cannot train method sally"]),
         (["training=sally", "evaluation.modes=[ml]"], ["needs a ratio or density model"]),
-        (["stage=train"], ["stage=train needs training samples", "sampling.samples_dir="]),
         (["objective.metric=val_los"], ["objective.metric=val_los", "val_loss"]),
-        (["stage=evaluate"], ["training.model_dir="]),
         (["stage=train", "sampling.samples_dir=/nonexistent"], ["sampling.samples_dir=/nonexistent", "not a folder"]),
     ],
 )

@@ -69,7 +69,7 @@ def test_default_alices_objective_does_not_reward_small_alpha(run_app, tmp_path)
     the objective at alpha=0.01 was never the lowest of {0.01, 1, 100} (docs/performance.md has the table)."""
     run_app("-m", "training.alpha=0.01,1,100", "sampling.n_samples=3000", "training.n_epochs=10",
             "training.n_hidden=[32,32]", "evaluation.grid.resolutions=5", "evaluation.n_test_samples=100",
-            "data.n_events=8000", "evaluation.fisher.enabled=false", f"hydra.sweep.dir={tmp_path}/sw")
+            "data.n_events=8000", "stage=train", f"hydra.sweep.dir={tmp_path}/sw")
     by_alpha = {}
     for job in sorted((tmp_path / "sw").glob("[0-9]*")):
         metrics = _metrics(job)
@@ -129,6 +129,15 @@ def test_cache_reuses_stages_and_records_provenance(run_app, tmp_path):
 
     assert cache.verify(third / "model") is None
     assert cache.read_provenance(third / "model")["configs"]["train"]["training"]["alpha"] == 3.0
+
+
+def test_a_training_only_sweep_samples_once(run_app, tmp_path):
+    run_app("-m", *TINY, "stage=train", "training.alpha=1,2,4", f"hydra.sweep.dir={tmp_path}/sw")
+    records = [json.loads((tmp_path / "sw" / str(i) / "run.json").read_text())["cache"] for i in range(3)]
+    assert [r["sample"]["status"] for r in records] == ["computed", "reused", "reused"]
+    assert [r["train"]["status"] for r in records] == ["computed"] * 3
+    assert len({r["sample"]["key"] for r in records}) == 1 and len({r["train"]["key"] for r in records}) == 3
+    assert not (tmp_path / "sw" / "0" / "plots").exists()  # stage=train stops after training
 
 
 def test_cache_can_be_disabled_and_cleared(run_app, tmp_path, test_cache):

@@ -75,7 +75,8 @@ def _plain(value: Any) -> Any:
 
 @functools.cache
 def versions() -> dict[str, str]:
-    """Installed versions of madminer-sweeper and madminer, read from package metadata (no imports)."""
+    """Installed versions of madminer-sweeper and madminer (package metadata, no imports), and a digest of this
+    package's source: an editable install whose code changed without a version bump must not reuse old outputs."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -84,7 +85,17 @@ def versions() -> dict[str, str]:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = "not installed"
+    found["code"] = code_digest()
     return found
+
+
+def code_digest() -> str:
+    """sha256 over the project's Python sources (src/app), in a fixed order."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def stage_key(stage: str, *, data_digest: str, config: Mapping, upstream: str | None) -> str:

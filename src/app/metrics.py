@@ -56,7 +56,8 @@ class MetricSpec:
     def label(self) -> str:
         """The pattern as a person reads it: val_<term>, limits_<mode>_cl68_area, ..."""
         text = self.pattern.replace(f"({_TERMS})", "<term>").replace(r"(_at_\w+)?", "[_at_<benchmark>]")
-        return text.replace(r"\w+", "<x>").replace("(val|train)", "val|train").replace("(rate|histo)", "rate|histo")
+        text = text.replace("(val|train)_loss", "val_loss, train_loss").replace("(rate|histo)", "rate|histo")
+        return text.replace(r"\w+", "<x>").replace("(val|train)", "val|train")
 
 
 _TERMS = "|".join(sorted({t for terms in LOSS_TERMS.values() for t in terms}))

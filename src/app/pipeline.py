@@ -74,52 +74,51 @@ def run(cfg: DictConfig) -> float | None:
     producer = {"output_dir": str(out_dir), "mlflow_run_id": (read_json(run_file) or {}).get("mlflow_run_id")}
     ctx = _Stages(cfg, method, info, out_dir, digest, producer)
 
-    samples = model = results = None
+    # Each stage's input is the folder the user gave (checked), or the upstream stage's output, taken from the
+    # stage cache or computed: stage=train alone samples once per sampling setting, stage=evaluate trains once.
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = _get(name)
+        return loaded[name]
+
+    def _get(name: str):
+        if ctx.is_given(name):
+            folder = ctx.given(name)
+        elif name == "sample":
+            with _timed("sample"):
+                folder = ctx.produce("sample", lambda tmp: sample.run(cfg, method, info, tmp))
+        elif name == "train":
+            samples_dir = get("sample").samples_dir
+            with _timed("train"), _progress(cfg.training.n_epochs) as on_epoch:
+                folder = ctx.produce(
+                    "train", lambda tmp: train.run(cfg, method, info, samples_dir, tmp, on_epoch=on_epoch)
+                )
+        else:
+            model = get("train")
+            with _timed("evaluate"):
+                folder = ctx.produce(
+                    "evaluate",
+                    lambda tmp: evaluate.run(cfg, method, info, model.model_file, tmp, train_metrics=model.metrics),
+                )
+        if name == "sample":
+            return sample.load(folder, method)
+        return train.load(folder, method) if name == "train" else evaluate.load(folder)
+
     metrics: dict = {}
-    if "sample" in stages or ({"train", "evaluate"} & set(stages) and cfg.sampling.samples_dir):
-        with _timed("sample"):
-            folder = ctx.produce("sample", lambda tmp: sample.run(cfg, method, info, tmp))
-            samples = sample.load(folder, method)
+    if "sample" in stages:
+        get("sample")
     if "train" in stages:
-        if samples is None:
-            raise UserError(
-                "stage=train needs training samples; set sampling.samples_dir=<an earlier run>/samples "
-                "(or run stage=all)"
-            )
-        with _timed("train"), _progress(cfg.training.n_epochs) as on_epoch:
-            folder = ctx.produce(
-                "train", lambda tmp: train.run(cfg, method, info, samples.samples_dir, tmp, on_epoch=on_epoch)
-            )
-            model = train.load(folder, method)
-        metrics.update(model.metrics)
+        metrics = dict(get("train").metrics)
         if stage == "train":
-            update_json(out_dir / "results" / "metrics.json", model.metrics)
-    if "evaluate" in stages:
-        if model is None and cfg.training.model_dir:
-            model = train.load(ctx.given("train"), method)
-        if model is None:
-            raise UserError(
-                "stage=evaluate needs a trained model; set training.model_dir=<an earlier run>/model "
-                "(or run stage=all)"
-            )
-        with _timed("evaluate"):
-            folder = ctx.produce(
-                "evaluate",
-                lambda tmp: evaluate.run(cfg, method, info, model.model_file, tmp, train_metrics=model.metrics),
-            )
-            results = evaluate.load(folder)
+            update_json(out_dir / "results" / "metrics.json", metrics)
+    if "evaluate" in stages or "plot" in stages:
+        results = get("evaluate")
         metrics = results.metrics
     if "plot" in stages:
-        if results is None:
-            if not cfg.evaluation.results_dir:
-                raise UserError(
-                    "stage=plot needs evaluation results; set evaluation.results_dir=<an earlier run>/results"
-                )
-            results = evaluate.load(ctx.given("evaluate"))
-            metrics = results.metrics
-        model_dir = (
-            model.model_dir if model else (Path(cfg.training.model_dir) if cfg.training.model_dir else None)
-        )
+        model_dir = loaded["train"].model_dir if "train" in loaded else (
+            Path(cfg.training.model_dir) if cfg.training.model_dir else None)
         with _timed("plot"):
             plot.run(results.results_dir, model_dir, out_dir, list(info.parameters))
 
@@ -158,6 +157,11 @@ class _Stages:
             "produced_by": self.producer,
         }
 
+    def is_given(self, stage: str) -> bool:
+        from app import provenance
+
+        return bool(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
+
     def given(self, stage: str) -> Path:
         """A folder the user named (sampling.samples_dir, ...), after its provenance check."""
         from app import provenance
@@ -177,8 +181,6 @@ class _Stages:
         from app.io import atomic_dir
 
         name = provenance.FOLDERS[stage]
-        if OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]):
-            return self.given(stage)
         meta = self._meta(stage)
         key = cache.stage_key(stage, data_digest=self.digest, config=self.configs[stage], upstream=meta["upstream"])
         self.keys[stage] = key
