@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,62 @@ def physics_file() -> Path:
     if not PHYSICS_FILE.exists():
         pytest.skip(f"{PHYSICS_FILE} not available (needs ../shared beside the checkout)")
     return PHYSICS_FILE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_db():
+    """A fresh PostgreSQL database at 127.0.0.1:5432 (trust auth); yields its URL, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
+    admin.autocommit = True
+    created = []
+
+    def make(prefix: str = "test") -> str:
+        db = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        admin.cursor().execute(f"CREATE DATABASE {db}")
+        created.append(db)
+        return f"postgresql://postgres@127.0.0.1:5432/{db}"
+
+    try:
+        yield make
+    finally:
+        for db in created:
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, postgres_db):
+    """A real `mlflow server` on 127.0.0.1 with a fresh PostgreSQL database as its backend store."""
+    backend = postgres_db("mlflow_test")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend,
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

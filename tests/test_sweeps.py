@@ -260,3 +260,36 @@ def test_submitit_local_launcher(run_app, tmp_path):
 def test_slurm_preset_composes(run_app):
     proc = run_app("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", tracking=None)
     assert "SlurmLauncher" in proc.out and "partition: gpu" in proc.out and "array_parallelism: 32" in proc.out
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_one_study_and_one_mlflow_server(tmp_path, test_cache, postgres_db, mlflow_server):
+    """The cluster recipe on one machine: a shared Optuna study on PostgreSQL and one MLflow server (PostgreSQL
+    backend); the study is created once before the workers start (Optuna 2.10 races on a fresh schema)."""
+    storage = postgres_db("optuna_test")
+    subprocess.run([str(Path(sys.executable).parent / "optuna"), "create-study", "--storage", storage, "--study-name",
+                    "alices-optuna", "--direction", "minimize", "--skip-if-exists"], check=True, capture_output=True)
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), MLFLOW_TRACKING_URI=mlflow_server)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app", "-m", "hparams_search=alices_optuna", *TINY, "training.n_epochs=1",
+             "evaluation.fisher.enabled=false", "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
+             f"hydra.sweeper.sampler.seed={seed}", "tracking=server", f"hydra.sweep.dir={tmp_path}/worker{seed}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for seed in (1, 2)
+    ]
+    outs = [w.communicate(timeout=1500)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[-2000:] for o in outs]
+    import optuna
+
+    study = optuna.load_study(study_name="alices-optuna", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8
+    assert len({t.number for t in study.trials}) == 8
+    c, runs = _runs(mlflow_server)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) == 8
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(len([r for r in children if r.data.tags["mlflow.parentRunId"] == p.info.run_id]) for p in parents) \
+        == [4, 4]
+    assert {p.data.tags["optuna.storage"] for p in parents} == {storage.replace("postgres@", "***@")}

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -178,43 +177,6 @@ def test_unreachable_server_fails_fast(run_app, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and uri in errors[0] and "unreachable" in errors[0], proc.stderr
     assert not (tmp_path / "run" / "samples").exists()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a fresh PostgreSQL database as its backend store."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
-    admin.autocommit = True
-    db = f"mlflow_test_{uuid.uuid4().hex[:10]}"
-    admin.cursor().execute(f"CREATE DATABASE {db}")
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{db}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        admin.close()
 
 
 def _assert_best_model_reproduces_predictions(uri: str, parent) -> None:
