@@ -25,12 +25,14 @@ from app import toy
 # Evaluation settings of the measured end-to-end runs (default toy, default training, a smaller grid).
 EVAL = ["evaluation.grid.resolutions=11", "evaluation.n_test_samples=300"]
 AWAY = [3.0, -2.0]  # a point away from the SM (and the origin) for theta_true / the score's training point
+NDE_ENSEMBLE = ["training.n_estimators=2", "training.n_epochs=10", "sampling.n_samples=5000", "training.n_mades=2"]
 
 # Bounds, measured over seeds 1-3 (docs/toy.md)
 DOUBLE_LOG_R_MSE_MAX = 1.0  # double_parameterized ALICES at theta_true = AWAY
 SALLY_ENSEMBLE_SCORE_MSE_MAX = 0.005
 ADAPTIVE_SALLY_IOU_MIN = 0.3
 NDE_ENSEMBLE_LOG_R_MSE_MAX = 2.0
+NDE_ENSEMBLE_GAP_MAX = 1.0
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -39,6 +41,21 @@ def _metrics(run_dir: Path) -> dict:
 
 def _seeded(seed: int) -> list[str]:
     return [f"seed={seed}", f"sampling.seed={seed}"]
+
+
+def _untrained(model_dir: Path, seed: int):
+    """The trained model's members, re-initialised (the same networks before training)."""
+    import torch
+
+    from app import estimators
+
+    estimator = estimators.load(model_dir)
+    torch.manual_seed(seed)
+    for member in estimators.members(estimator):
+        for module in member.model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return estimator
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +93,10 @@ def test_estimator_and_mode_names_come_from_the_methods_table():
 
 
 # ---------------------------------------------------------------- item 1 + 9: score ensembles, adaptive SALLY
+@pytest.mark.slow
 def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_path):
     proc = run_app(
-        "training=sally", "training.n_estimators=3", "evaluation.modes=[rate,sally,adaptive_sally]", *EVAL,
+        "training=sally", "training.n_estimators=2", "evaluation.modes=[rate,sally,adaptive_sally]", *EVAL,
         *_seeded(1),
     )
     run_dir = tmp_path / "run"
@@ -107,17 +125,39 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
     members = [np.asarray(e.evaluate_score(x=x)) for e in estimators.load(run_dir / "model").estimators]
     assert np.max(np.abs(members[0] - members[1])) > 1e-3  # the members differ: the mean is not one of them
 
+    # the same networks untrained miss the bound
+    from app.stages.evaluate import truth_score_metrics
+    from app.truth import ToyTruth
 
+    for seed in range(2):
+        untrained = estimators.score(_untrained(run_dir / "model", seed), x)
+        m = truth_score_metrics(untrained, ToyTruth(0.5, 2), x, np.zeros(2))
+        assert m["truth_score_mse"] > SALLY_ENSEMBLE_SCORE_MSE_MAX, m
+
+
+@pytest.mark.slow
 def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
-    run_app("training=nde", "training.n_estimators=2", *EVAL, *_seeded(1))
-    m = _metrics(tmp_path / "run")
+    from app.stages.evaluate import truth_density_metrics
+    from app.truth import ToyTruth
+
+    run_app("training=nde", *NDE_ENSEMBLE, *EVAL, *_seeded(1))
+    run_dir = tmp_path / "run"
+    m = _metrics(run_dir)
     assert m["truth_log_r_mse"] < NDE_ENSEMBLE_LOG_R_MSE_MAX, m["truth_log_r_mse"]
+    assert m["truth_log_likelihood_gap"] < NDE_ENSEMBLE_GAP_MAX, m["truth_log_likelihood_gap"]
     for key in ("truth_log_r_mse", "truth_log_likelihood_gap", "test_mean_log_likelihood"):
         assert m[f"{key}_ensemble_std"] > 0, key
     assert m["truth_log_r_mse_ensemble_std"] < m["truth_log_r_mse"]
+    # the same networks untrained miss the bounds
+    x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
+    for seed in range(2):
+        u = truth_density_metrics(_untrained(run_dir / "model", seed), ToyTruth(0.5, 2), x, grid, np.zeros(2), {})
+        assert u["truth_log_r_mse"] > NDE_ENSEMBLE_LOG_R_MSE_MAX, u
+        assert u["truth_log_likelihood_gap"] > NDE_ENSEMBLE_GAP_MAX, u
 
 
 # --------------------------------------------------------------------------- item 2: double-parameterized
+@pytest.mark.slow
 def test_double_parameterized_learns_varying_theta1_away_from_the_sm(run_app, tmp_path):
     proc = run_app(
         "training=alices", "training.estimator=double_parameterized", f"evaluation.theta_true=[{AWAY[0]},{AWAY[1]}]",
@@ -336,6 +376,7 @@ def test_one_prior_applies_to_each_parameter(toy_path):
 
 
 # --------------------------------------------------------------------------- MLproject: sample -> train -> evaluate
+@pytest.mark.slow
 def test_mlproject_entry_points_chain(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), MLFLOW_TRACKING_URI=uri)
