@@ -48,7 +48,7 @@ def test_unknown_training_preset(run_app):
     [
         (["training=sally", "sampling=ratio"], ["sampling=local", "sampling=ratio"]),
         (["training=alices", "sampling=local"], ["sampling=ratio"]),
-        (["sampling.theta0.priors=[[flat,-1,1]]"], ["sampling.theta0.priors", "2 parameters"]),
+        (["sampling.theta0.priors=[[flat,-1,1],[flat,-1,1],[flat,-1,1]]"], ["sampling.theta0.priors", "2 parameters"]),
         (["sampling.theta0={type:morphing_point,values:[1,2,3]}"], ["wrong number of parameters"]),
         (["sampling.theta1.name=nope"], ["'nope'", "available: sm"]),
         (["evaluation.hist_vars=[nope]"], ["observable 'nope'", "pt_j1"]),

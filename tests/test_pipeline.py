@@ -20,16 +20,32 @@ def _metrics(run_dir: Path) -> dict:
 
 
 def _check_outputs(run_dir: Path, *limit_keys: str) -> dict:
+    """Plumbing on TINY runs (2 epochs: no estimator quality to bound, see test_truth / test_correctness):
+    every metric is the quantity its name says, recomputed from the arrays the run saved."""
+    from app.stats import CL68_P_VALUE
+
     metrics = _metrics(run_dir)
+    results = run_dir / "results"
     assert (run_dir / "model" / "model.json").exists()
     assert np.isfinite(metrics["val_loss"]) and np.isfinite(metrics["train_loss"])
     assert len(metrics["loss_history"]) == metrics["n_epochs_trained"] >= 1
+    grid, theta_true = np.load(results / "grid.npy"), np.load(results / "theta_true.npy")
     for key in limit_keys:
-        assert 0.0 <= metrics[f"limits_{key}_cl68_fraction"] <= 1.0
-        assert metrics[f"limits_{key}_best_fit_distance"] >= 0.0
-        assert (run_dir / "results" / f"p_values_{key}.npy").exists()
+        p_values, best_fit = np.load(results / f"p_values_{key}.npy"), np.load(results / f"best_fit_{key}.npy")
+        assert p_values.shape == (len(grid),)
+        np.testing.assert_array_equal(best_fit, grid[np.argmax(p_values)])  # the best fit has p = 1
+        assert p_values.max() == pytest.approx(1.0)
+        assert metrics[f"limits_{key}_cl68_fraction"] == pytest.approx(np.mean(p_values > CL68_P_VALUE))
+        assert metrics[f"limits_{key}_best_fit_distance"] == pytest.approx(np.linalg.norm(best_fit - theta_true))
         assert (run_dir / "plots" / f"pvalues_{key}.png").exists()
-    assert "fisher_rate_det" in metrics and "fisher_histo_det" in metrics
+    rate = np.load(results / "fisher_rate.npy")
+    assert np.linalg.matrix_rank(rate, tol=1e-9 * np.abs(rate).max()) == 1  # rate information is rank 1
+    assert metrics["fisher_rate_eigenvalue"] == pytest.approx(np.trace(rate))
+    histo_sigmas = np.sqrt(np.diag(np.linalg.inv(np.load(results / "fisher_histo.npy"))))
+    parameters = json.loads((run_dir / "model" / "model.json").read_text())["parameters"]
+    for name, sigma in zip(parameters, histo_sigmas):
+        assert metrics[f"fisher_histo_sigma_{name}"] == pytest.approx(sigma)
+    assert not [k for k in metrics if k.startswith("fisher_") and k.endswith("_det")]
     for plot in ("limits.png", "training_curves.png"):
         assert (run_dir / "plots" / plot).stat().st_size > 1000
     leftovers = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
@@ -56,7 +72,7 @@ def test_method_families_end_to_end(run_app, tmp_path, args, limit_keys):
     metrics = _check_outputs(run_dir, *limit_keys)
     assert "objective val_" in proc.out and "stage train" in proc.out and "epoch   1/2" in proc.out
     if "training=sally" in args:
-        assert "fisher_full_det" in metrics and (run_dir / "plots" / "score_vs_joint.png").exists()
+        assert "fisher_full_gain_over_histo" in metrics and (run_dir / "plots" / "score_vs_joint.png").exists()
     if "training=alices" in args:
         assert (run_dir / "plots" / "log_r_vs_joint.png").exists()
         assert RATIO_FILES <= {
@@ -65,16 +81,14 @@ def test_method_families_end_to_end(run_app, tmp_path, args, limit_keys):
 
 
 def test_quadratic_morphing_aware_on_one_parameter_toy(run_app, tmp_path):
-    run_app(
-        "training=alices",
-        "training.estimator=quadratic_morphing_aware",
-        *TINY,
-        "data.n_parameters=1",
-        "sampling.theta0.priors=[[flat,-10,10]]",
-    )
+    # the default priors (one entry: the same prior for each parameter) follow the 1-parameter file
+    run_app("training=alices", "training.estimator=quadratic_morphing_aware", *TINY, "data.n_parameters=1")
     metrics = _check_outputs(tmp_path / "run", "ml")
     assert np.load(tmp_path / "run" / "results" / "grid.npy").shape[1] == 1
     assert metrics["limits_ml_cl68_fraction"] > 0
+    assert json.loads((tmp_path / "run" / "samples" / "samples.json").read_text())["sampling"]["theta0"]["priors"] == [
+        ["flat", -10.0, 10.0]
+    ]
 
 
 def test_stages_run_alone_from_given_inputs(run_app, tmp_path):

@@ -48,7 +48,7 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
     assert run.info.status == "FINISHED"
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["training.method"] == "alices" and params["sampling.n_samples"] == "600"
-    assert params["sampling.theta0.priors"] == '[["flat",-10.0,10.0],["flat",-10.0,10.0]]'
+    assert params["sampling.theta0.priors"] == '[["flat",-10.0,10.0]]'  # one prior for each parameter
     assert params["training.n_hidden"] == "[16,16]"
     assert len(params) > 60
     assert tags["training"] == "alices" and tags["sampling"] == "ratio" and tags["data"] == "toy"
@@ -58,7 +58,7 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
     assert len(tags["data.sha256"]) == 64 and tags["data.path"].endswith(".h5")
     assert tags["reused.samples"] == "false"
     assert (REPO / ".git").exists() <= ("mlflow.source.git.commit" in tags)
-    for key in ("train_loss", "val_loss", "objective", "limits_ml_cl68_fraction", "fisher_histo_det"):
+    for key in ("train_loss", "val_loss", "objective", "limits_ml_cl68_fraction", "fisher_histo_sigma_CWL2"):
         assert key in metrics, key
     history = c.get_metric_history(run.info.run_id, "epoch_val_loss")
     assert [m.step for m in history] == [1, 2]

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from app.methods import ESTIMATORS, LIMIT_MODES
+
 
 class Stage(str, Enum):
     all = "all"
@@ -37,13 +39,8 @@ class SamplingKind(str, Enum):
     density = "density"
 
 
-class EstimatorKind(str, Enum):
-    parameterized = "parameterized"
-    double_parameterized = "double_parameterized"
-    morphing_aware = "morphing_aware"
-    quadratic_morphing_aware = "quadratic_morphing_aware"
-    score = "score"
-    likelihood = "likelihood"
+# Derived from the methods table (app.methods), the one list of estimators and limit modes.
+EstimatorKind = Enum("EstimatorKind", {name: name for name in ESTIMATORS}, type=str)
 
 
 class Optimizer(str, Enum):
@@ -68,13 +65,8 @@ class Device(str, Enum):
     auto = "auto"
 
 
-class LimitMode(str, Enum):
-    rate = "rate"
-    histo = "histo"
-    ml = "ml"
-    sally = "sally"
-    sallino = "sallino"
-    adaptive_sally = "adaptive-sally"
+# Config spelling (adaptive_sally); app.methods.LIMIT_MODES maps it onto MadMiner's (adaptive-sally).
+LimitMode = Enum("LimitMode", {name: name for name in LIMIT_MODES}, type=str)
 
 
 class Direction(str, Enum):
@@ -185,8 +177,8 @@ class FisherConfig:
 class EvaluationConfig:
     modes: list[LimitMode] | None = None  # null = rate, histo and the method's own mode
     grid: GridConfig = field(default_factory=GridConfig)
-    theta_true: list[float] | None = None  # null = the origin (the SM for EFT parameters)
-    luminosity: float = 10000.0
+    theta_true: list[float] | None = None  # null = the file's "sm" benchmark (the origin if it has none)
+    luminosity: float = 10000.0  # integrated luminosity in pb^-1 (10000 pb^-1 = 10 fb^-1)
     include_xsec: Any = True  # bool, or [true, false] to evaluate the kinematic modes both ways
     hist_vars: list[str] | None = None  # null = first observable of the file
     hist_bins: Any = None  # null = MadMiner's default; int or a list (one entry per histogram axis)

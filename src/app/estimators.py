@@ -12,15 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.io import read_json
-
-CLASSES = {
-    "parameterized": "ParameterizedRatioEstimator",
-    "double_parameterized": "DoubleParameterizedRatioEstimator",
-    "morphing_aware": "MorphingAwareRatioEstimator",
-    "quadratic_morphing_aware": "QuadraticMorphingAwareRatioEstimator",
-    "score": "ScoreEstimator",
-    "likelihood": "LikelihoodEstimator",
-}
+from app.methods import ESTIMATORS as CLASSES  # training.estimator -> madminer.ml class name
 
 
 def build(training_cfg, data_path: Path):
@@ -55,6 +47,23 @@ def load(model_dir: Path):
     estimator = cls()
     estimator.load(str(Path(model_dir) / meta["model_name"]))
     return estimator
+
+
+def members(estimator) -> list:
+    """The members of an Ensemble, or ``[estimator]``."""
+    from madminer.ml import Ensemble
+
+    return list(estimator.estimators) if isinstance(estimator, Ensemble) else [estimator]
+
+
+def score(estimator, x):
+    """The estimated score t(x), shape (n_events, n_parameters); for an Ensemble the mean of its members.
+
+    (``Ensemble.evaluate_score`` returns a (mean, covariance) tuple, ``ScoreEstimator.evaluate_score`` an array.)
+    """
+    import numpy as np
+
+    return np.mean([np.asarray(m.evaluate_score(x=x), dtype=np.float64) for m in members(estimator)], axis=0)
 
 
 @contextmanager

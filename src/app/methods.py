@@ -1,12 +1,24 @@
 """The one table: MadMiner method -> sampling kind, estimators, training inputs, own limit mode.
 
-Sampling, training, evaluation and config checks all read this table; nothing else lists methods.
+Sampling, training, evaluation and config checks all read this table; nothing else lists methods,
+estimators or limit modes: the config schema's choices (``app.config``) and the estimator classes
+(``app.estimators``) are derived from :data:`ESTIMATORS` and :data:`LIMIT_MODES` below.
+This module imports nothing heavy (``--help`` reads it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# training.estimator -> the madminer.ml class that implements it
+ESTIMATORS: dict[str, str] = {
+    "parameterized": "ParameterizedRatioEstimator",
+    "double_parameterized": "DoubleParameterizedRatioEstimator",
+    "morphing_aware": "MorphingAwareRatioEstimator",
+    "quadratic_morphing_aware": "QuadraticMorphingAwareRatioEstimator",
+    "score": "ScoreEstimator",
+    "likelihood": "LikelihoodEstimator",
+}
 RATIO_ESTIMATORS = ("parameterized", "double_parameterized", "morphing_aware", "quadratic_morphing_aware")
 
 
@@ -50,13 +62,25 @@ METHODS: dict[str, Method] = {
     )
 }
 
-# Limit modes that need a trained model of a given family.
+# evaluation.modes spelling (also the key of its results and metrics) -> AsymptoticLimits' mode.
+LIMIT_MODES: dict[str, str] = {
+    "rate": "rate",
+    "histo": "histo",
+    "ml": "ml",
+    "sally": "sally",
+    "sallino": "sallino",
+    "adaptive_sally": "adaptive-sally",
+}
+
+# Limit modes (config spelling) that need a trained model of a given family.
 MODEL_MODES = {
     "ml": ("ratio", "density"),
     "sally": ("score",),
     "sallino": ("score",),
-    "adaptive-sally": ("score",),
+    "adaptive_sally": ("score",),
 }
+# Score-histogram modes whose statistic h = t(x) . (theta - thetaref) needs the training point thetaref.
+THETAREF_MODES = ("sallino", "adaptive_sally")
 
 
 def get_method(name: str) -> Method:

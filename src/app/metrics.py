@@ -85,6 +85,8 @@ TABLE: tuple[MetricSpec, ...] = (
     MetricSpec(r"limits_\w+_cl68_area", "minimize", "all", "the same area for one limit mode"),
     MetricSpec(r"limits_\w+_cl68_fraction", "", "run", "fraction of grid cells inside the 68% CL region"),
     MetricSpec(r"limits_\w+_best_fit_distance", "", "run", "distance of the best fit from theta_true"),
+    MetricSpec(r"fisher_rate_eigenvalue", "maximize", "all",
+               "the rate's Fisher information along its one informative direction (estimator-independent)"),
     MetricSpec(r"fisher_(rate|histo)_\w+", "minimize", "all",
                "Fisher information of the rate / a histogram: does not depend on the estimator"),
     MetricSpec(r"fisher_full_gain_over_histo", "maximize", "family", "information the score adds over the histogram"),

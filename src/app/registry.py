@@ -25,23 +25,24 @@ def model_name(method: str) -> str:
 
 class MadMinerEstimator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from app import estimators
-
         model_dir = Path(context.artifacts["model_dir"])
         self.meta = json.loads((model_dir / "model.json").read_text())
+        from app import estimators
+
         self.estimator = estimators.load(model_dir)
 
     def predict(self, context, model_input, params=None):
         import numpy as np
         import pandas as pd
 
+        from app import estimators
+
         frame = pd.DataFrame(model_input)
         x = frame[self.meta["observables"]].to_numpy(dtype=float)
         theta = frame[self.meta["parameters"]].to_numpy(dtype=float)
         family, kind = self.meta["family"], self.meta["estimator"]
         if family == "score":
-            t = np.asarray(self.estimator.evaluate_score(x=x))
-            t = t[0] if t.ndim == 3 else t
+            t = estimators.score(self.estimator, x)
             return pd.DataFrame(t, columns=[f"t_{p}" for p in self.meta["parameters"]])
         if family == "density":
             out = self.estimator.evaluate_log_likelihood(x=x, theta=theta, test_all_combinations=False)[0]

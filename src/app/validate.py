@@ -1,4 +1,8 @@
-"""Checks that need the data file: run before any stage work, each failure a one-line UserError."""
+"""Checks that need the data file: run before any stage work, each failure a one-line UserError.
+
+:func:`check_config` also fits per-parameter defaults to the file: a ``random_morphing_points`` prior
+list with one entry applies that prior to each parameter (so the defaults run on 1- and 2-parameter files).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.datafile import FileInfo
 from app.errors import UserError
-from app.methods import MODEL_MODES, Method, get_method
+from app.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
 
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
@@ -41,6 +45,7 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
     _fraction("training.validation_split", cfg.training.validation_split, allow_zero=True)
     if cfg.training.n_workers < 0:
         raise UserError("training.n_workers must be >= 0 (0 = load batches in the main process)")
+    _check_nuisance(cfg, info)
 
     for key in ("theta0", "theta1") if kind == "ratio" else ("theta",):
         if cfg.sampling[key] is None:
@@ -48,6 +53,11 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
                 f"sampling={kind} needs sampling.{key} (a theta spec such as {{type: benchmark, name: sm}})"
             )
         check_theta(cfg.sampling[key], info, f"sampling.{key}")
+    if kind == "local" and cfg.sampling.theta.type not in ("benchmark", "morphing_point"):
+        raise UserError(
+            f"sampling=local trains a score at one point but sampling.theta has type {cfg.sampling.theta.type}; "
+            "use type benchmark or morphing_point"
+        )
 
     ev = cfg.evaluation
     if ev.theta_true is not None and len(ev.theta_true) != info.n_parameters:
@@ -92,7 +102,37 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
                 f"evaluation mode {mode} needs a {' or '.join(families)} model but training={method.name} trains a "
                 f"{method.family} model; use mode {method.limit_mode} (or leave evaluation.modes=null)"
             )
+        if mode in THETAREF_MODES and cfg.sampling.theta is None:
+            raise UserError(f"evaluation mode {mode} needs sampling.theta, the point the score was trained at")
+    if cfg.stage in ("all", "evaluate"):
+        from app.stages.evaluate import grid_ranges
+
+        grid_ranges(cfg, info)  # a file without parameter ranges needs evaluation.grid.ranges
+    from app import device
+
+    device.check(cfg.training.device)  # training.device=cuda without a GPU: fail now, not after sampling
     return method
+
+
+def _check_nuisance(cfg: DictConfig, info: FileInfo) -> None:
+    """sampling.include_nuisance=true: MadMiner 0.9.6 can sample and train with nuisance parameters but its
+    AsymptoticLimits cannot profile them, so it is honoured only for stage=sample/train on a file that has them."""
+    if not cfg.sampling.include_nuisance:
+        return
+    import h5py
+
+    with h5py.File(info.path, "r") as f:
+        n_nuisance = len(f["nuisance_parameters/names"]) if "nuisance_parameters/names" in f else 0
+    if n_nuisance == 0:
+        raise UserError(
+            f"sampling.include_nuisance=true but {info.path.name} has no nuisance parameters; "
+            "set sampling.include_nuisance=false"
+        )
+    if cfg.stage in ("all", "evaluate"):
+        raise UserError(
+            "sampling.include_nuisance=true cannot be evaluated: MadMiner 0.9.6's AsymptoticLimits does not support "
+            "nuisance parameters; run stage=sample or stage=train with it, or set sampling.include_nuisance=false"
+        )
 
 
 def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:
@@ -122,11 +162,15 @@ def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:
         if spec.n is None or spec.n <= 0:
             raise UserError(f"{key}.n must be a positive number of random theta points")
         priors = _plain(spec.priors)
+        if isinstance(priors, list) and len(priors) == 1 and n > 1:
+            priors = priors * n  # one prior = the same prior for each parameter of the file
+            spec.priors = priors
         if not isinstance(priors, list) or len(priors) != n:
             got = len(priors) if isinstance(priors, list) else 0
             raise UserError(
                 f"{key}.priors has {got} entries but {info.path.name} has {n} parameters "
-                f"({', '.join(info.parameters)}); give one [gaussian, mean, std] or [flat, min, max] per parameter"
+                f"({', '.join(info.parameters)}); give one [gaussian, mean, std] or [flat, min, max] per parameter "
+                "(or one for all)"
             )
         for prior in priors:
             if not (isinstance(prior, list) and len(prior) == 3 and prior[0] in ("gaussian", "flat")):

@@ -6,6 +6,10 @@ events the training samples came from. Writes .npy arrays and ``metrics.json`` i
 On a toy file (:mod:`app.toy`, whose likelihood is known exactly: :mod:`app.truth`) it also compares
 the estimator and the limits with the truth: the ``truth_*`` metrics (see ``docs/toy.md``). On any
 other file they are absent and one log line says why.
+
+Ensembles (``training.n_estimators > 1``): metrics of the estimator's predictions use the ensemble
+mean, and each such metric ``<m>`` also comes as ``<m>_ensemble_std``, the spread of ``<m>`` over
+the members. Limits use MadMiner's ensemble mean (no per-member limits).
 """
 
 from __future__ import annotations
@@ -19,16 +23,19 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from app import compat, estimators
+from app import device as app_device
 from app import truth as truth_mod
 from app.datafile import FileInfo
+from app.errors import UserError
 from app.io import atomic_dir, read_json, write_json
-from app.methods import MODEL_MODES, Method
-from app.stages.sample import to_madminer_theta
+from app.methods import LIMIT_MODES, MODEL_MODES, THETAREF_MODES, Method
+from app.stages.sample import ratio_theta1, to_madminer_theta
 from app.stats import CL68_P_VALUE, region_size
 from app.validate import limit_modes
 
 log = logging.getLogger(__name__)
 
+FEW_EVENTS = 10  # warn when fewer events are expected at theta_true
 
 
 @dataclass
@@ -37,29 +44,71 @@ class EvaluateResult:
     metrics: dict = field(default_factory=dict)
 
 
+SM = "sm"  # the benchmark evaluation.theta_true=null stands for
+
+
 def theta_true(cfg: DictConfig, info: FileInfo) -> np.ndarray:
+    """``evaluation.theta_true``; null = the file's ``sm`` benchmark, the origin if it has none."""
     t = cfg.evaluation.theta_true
-    return np.zeros(info.n_parameters) if t is None else np.asarray(list(t), dtype=float)
+    if t is not None:
+        return np.asarray(list(t), dtype=float)
+    return benchmark_points(info).get(SM, np.zeros(info.n_parameters))
+
+
+def describe_theta_true(cfg: DictConfig, info: FileInfo) -> str:
+    """Where theta_true comes from, for the one log line of the evaluate stage."""
+    point = np.round(theta_true(cfg, info), 4).tolist()
+    if cfg.evaluation.theta_true is not None:
+        return f"theta_true = {point} (evaluation.theta_true)"
+    if SM in benchmark_points(info):
+        return f"theta_true = {point} (the file's {SM!r} benchmark; evaluation.theta_true=null)"
+    return f"theta_true = {point} (the origin: the file has no {SM!r} benchmark; set evaluation.theta_true)"
 
 
 def grid_ranges(cfg: DictConfig, info: FileInfo) -> list[tuple[float, float]]:
+    """``evaluation.grid.ranges``; null = half the parameter ranges stored in the file or, for a file
+    without them, the span of its benchmarks. UserError when neither defines a range."""
     ranges = cfg.evaluation.grid.ranges
-    if ranges is None:
-        return [(0.5 * lo, 0.5 * hi) for lo, hi in info.parameter_ranges]
-    return [tuple(map(float, r)) for r in ranges]
+    if ranges is not None:
+        return [tuple(map(float, r)) for r in ranges]
+    stored = _stored_parameter_ranges(info)
+    if stored is not None:
+        return [(0.5 * lo, 0.5 * hi) for lo, hi in stored]
+    values = np.array(list(benchmark_points(info).values()), dtype=float).reshape(-1, info.n_parameters)
+    spans = [(float(lo), float(hi)) for lo, hi in zip(values.min(axis=0), values.max(axis=0))]
+    flat = [name for name, (lo, hi) in zip(info.parameters, spans) if not lo < hi]
+    if flat:
+        raise UserError(
+            f"{info.path.name} stores no parameter ranges and its benchmarks do not span {', '.join(flat)}; "
+            f"set evaluation.grid.ranges (one [min, max] per parameter: {', '.join(info.parameters)})"
+        )
+    return spans
+
+
+def _stored_parameter_ranges(info: FileInfo) -> list[tuple[float, float]] | None:
+    import h5py
+
+    with h5py.File(info.path, "r") as f:
+        if "parameters/val_ranges" not in f:
+            return None
+        return [tuple(map(float, r)) for r in f["parameters/val_ranges"][()]]
 
 
 def limit_runs(cfg: DictConfig, method: Method) -> list[tuple[str, str, bool]]:
-    """(result key, MadMiner mode, include_xsec) for every requested limit."""
+    """(result key, MadMiner mode, include_xsec) for every requested limit.
+
+    The key uses the config spelling (``adaptive_sally``), the mode MadMiner's (``adaptive-sally``).
+    """
     include = OmegaConf.to_container(cfg.evaluation, resolve=True)["include_xsec"]
     include = include if isinstance(include, list) else [include]
     runs = []
-    for mode in limit_modes(cfg, method):
-        if mode == "rate":
-            runs.append(("rate", "rate", True))
+    for name in limit_modes(cfg, method):
+        mode = LIMIT_MODES[name]
+        if name == "rate":
+            runs.append(("rate", mode, True))
             continue
         for xsec in include:
-            runs.append((mode if xsec else f"{mode}_kin", mode, xsec))
+            runs.append((name if xsec else f"{name}_kin", mode, xsec))
     return list(dict.fromkeys(runs))
 
 
@@ -77,7 +126,8 @@ def run(
     target = out_dir / "results"
     metrics: dict = dict(train_metrics or {})
     truth = truth_for(cfg, info)
-    with atomic_dir(target) as tmp:
+    log.info(describe_theta_true(cfg, info))
+    with atomic_dir(target) as tmp, app_device.use(cfg.training.device):
         np.random.seed(cfg.sampling.seed + 1)
         with estimators.madminer_loads_from(model_file.parent) if model_file else nullcontext():
             metrics.update(_limits(cfg, method, info, model_file, tmp, truth))
@@ -127,7 +177,9 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
     metrics = {}
     theta_grid = None
     true_limits: dict = {}  # (include kinematics, include xsec) -> truth.ExpectedLimits
+    _log_expected_events(cfg, limits, true_point)
     for key, mode, include_xsec in limit_runs(cfg, method):
+        name = key[: -len("_kin")] if key.endswith("_kin") else key
         kwargs = dict(
             mode=mode,
             theta_true=true_point,
@@ -141,10 +193,12 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
         )
         if mode == "histo":
             kwargs.update(hist_vars=hist_vars, hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
-        elif mode in MODEL_MODES:
+        elif name in MODEL_MODES:
             kwargs["model_file"] = str(model_file)
             if mode != "ml":
                 kwargs.update(hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
+            if name in THETAREF_MODES:
+                kwargs["thetaref"] = training_point(cfg, info)
         theta_grid, p_values, i_ml, llr_kin, llr_rate, _ = limits.expected_limits(**kwargs)
         np.save(tmp / f"p_values_{key}.npy", p_values)
         np.save(tmp / f"best_fit_{key}.npy", theta_grid[i_ml])
@@ -181,6 +235,37 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
         np.save(tmp / "grid.npy", theta_grid)
         np.save(tmp / "theta_true.npy", true_point)
     return metrics
+
+
+def _log_expected_events(cfg, limits, true_point: np.ndarray) -> None:
+    """The expected number of events at theta_true (L x sigma, MadMiner's test-partition cross section)."""
+    xsec = float(limits._calculate_xsecs([true_point])[0])  # as AsymptoticLimits computes it
+    n_events = cfg.evaluation.luminosity * xsec
+    log.info(
+        "expected events at theta_true: %.4g (luminosity %.4g pb^-1 x cross section %.4g pb)",
+        n_events,
+        cfg.evaluation.luminosity,
+        xsec,
+    )
+    if n_events < FEW_EVENTS:
+        log.warning(
+            "only %.3g events expected at theta_true: the limits rest on very few events; raise "
+            "evaluation.luminosity (in pb^-1)",
+            n_events,
+        )
+
+
+def training_point(cfg: DictConfig, info: FileInfo) -> np.ndarray:
+    """The point a score estimator was trained at (``sampling.theta``): SALLINO's / adaptive SALLY's thetaref."""
+    spec = cfg.sampling.theta
+    if spec.type == "benchmark":
+        return benchmark_points(info)[spec.name]
+    if spec.type == "morphing_point":
+        return np.asarray(list(spec["values"]), dtype=float)
+    raise UserError(
+        f"sampling.theta of type {spec.type} is not one point; score methods train at one point "
+        "(type benchmark or morphing_point)"
+    )
 
 
 def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, include_xsec: bool):
@@ -225,10 +310,45 @@ def _fisher(cfg, method, info, model_file, tmp: Path) -> dict:
             test_split=cfg.sampling.test_split,
             calculate_covariance=False,
         )[0]
-    metrics = {}
     for kind, matrix in matrices.items():
         np.save(tmp / f"fisher_{kind}.npy", matrix)
-        metrics[f"fisher_{kind}_det"] = float(np.linalg.det(matrix))
+    return fisher_metrics(matrices, list(info.parameters))
+
+
+def fisher_metrics(matrices: dict[str, np.ndarray], parameters: list[str]) -> dict:
+    """What the Fisher matrices say, as numbers that mean something (see docs/toy.md):
+
+    * ``fisher_<histo|full>_sigma_<PARAM>``: expected 1 sigma, sqrt(diag(I^-1)), where I is invertible;
+    * ``fisher_rate_eigenvalue``: the single non-zero eigenvalue of the rank-1 rate matrix;
+    * ``fisher_full_gain_over_histo``: 0.5 log(det I_full / det I_histo), the information the score
+      estimator adds over the histogram (score methods only; in nats, > 0 = better than the histogram).
+    """
+    metrics: dict = {}
+    if "rate" in matrices:
+        metrics["fisher_rate_eigenvalue"] = float(np.max(np.linalg.eigvalsh(matrices["rate"])))
+    dets = {}
+    for kind in ("histo", "full"):
+        if kind not in matrices:
+            continue
+        matrix = np.asarray(matrices[kind], dtype=np.float64)
+        eigenvalues = np.linalg.eigvalsh(matrix)
+        if eigenvalues.min() <= 1e-9 * max(eigenvalues.max(), 1e-300):
+            log.info(
+                "fisher_%s_sigma_* skipped: the %s Fisher matrix is singular (eigenvalues %s)",
+                kind,
+                kind,
+                np.array2string(eigenvalues, precision=3),
+            )
+            continue
+        sigmas = np.sqrt(np.diag(np.linalg.inv(matrix)))
+        for name, sigma in zip(parameters, sigmas):
+            metrics[f"fisher_{kind}_sigma_{name}"] = float(sigma)
+        dets[kind] = np.linalg.slogdet(matrix)[1]
+    if "full" in matrices:
+        if len(dets) == 2:
+            metrics["fisher_full_gain_over_histo"] = float(0.5 * (dets["full"] - dets["histo"]))
+        else:
+            log.info("fisher_full_gain_over_histo skipped: a Fisher matrix is singular")
     return metrics
 
 
@@ -239,6 +359,7 @@ def _test_predictions(cfg, method, info, model_file, tmp: Path, truth: truth_mod
 
     ev, s = cfg.evaluation, cfg.sampling
     estimator = estimators.load(model_file.parent)
+    members = estimators.members(estimator)
     augmenter = SampleAugmenter(str(info.path), include_nuisance_parameters=s.include_nuisance)
     common = dict(
         n_samples=ev.n_test_samples,
@@ -253,25 +374,32 @@ def _test_predictions(cfg, method, info, model_file, tmp: Path, truth: truth_mod
     metrics: dict = {}
     estimator_kind = cfg.training.estimator
     if method.family == "ratio":
+        double = estimator_kind == "double_parameterized"
         x, theta0s, theta1s, _, r_xz, _, _ = augmenter.sample_train_ratio(
-            theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+            theta0=to_madminer_theta(s.theta0), theta1=ratio_theta1(cfg, info), **common
         )
-        if estimator_kind == "double_parameterized":
-            log_r = estimator.evaluate_log_likelihood_ratio(
-                x=x, theta0=theta0s, theta1=theta1s, test_all_combinations=False
-            )[0]
+        if double:
+            kwargs = dict(x=x, theta0=theta0s, theta1=theta1s, test_all_combinations=False)
         else:
-            log_r = estimator.evaluate_log_likelihood_ratio(x=x, theta=theta0s, test_all_combinations=False)[0]
+            kwargs = dict(x=x, theta=theta0s, test_all_combinations=False)
+        log_rs = [np.asarray(m.evaluate_log_likelihood_ratio(**kwargs)[0]).ravel() for m in members]
         log_r_xz = np.log(r_xz).ravel()
-        log_r = np.asarray(log_r).ravel()
-        for name, arr in (("test_theta0", theta0s), ("test_log_r_xz", log_r_xz), ("test_log_r_est", log_r)):
-            np.save(tmp / f"{name}.npy", arr)
-        metrics["test_log_r_mse_vs_joint"] = float(np.mean((log_r - log_r_xz) ** 2))
-        metrics["test_log_r_corr_vs_joint"] = _corr(log_r, log_r_xz)
+        np.save(tmp / "test_theta0.npy", theta0s)
+        np.save(tmp / "test_log_r_xz.npy", log_r_xz)
+        np.save(tmp / "test_log_r_est.npy", np.mean(log_rs, axis=0))
+        metrics.update(
+            with_spread(
+                lambda log_r: {
+                    "test_log_r_mse_vs_joint": float(np.mean((log_r - log_r_xz) ** 2)),
+                    "test_log_r_corr_vs_joint": _corr(log_r, log_r_xz),
+                },
+                log_rs,
+            )
+        )
         if truth is not None:
-            reference = single_point(theta1s)
-            if reference is None and estimator_kind == "double_parameterized":
-                reference = np.asarray(theta1s[0], dtype=np.float64)  # any reference works for r(x|theta0,theta1)
+            # Parameterized estimators learned r(x | theta, theta1) for the theta1 they were trained against;
+            # double-parameterized ones take theta1 as input and the ml limits evaluate them at theta_true.
+            reference = true_point if double else single_point(theta1s)
             if reference is None:
                 log.info("truth log r metrics skipped: sampling.theta1 is not a single point")
             else:
@@ -282,29 +410,45 @@ def _test_predictions(cfg, method, info, model_file, tmp: Path, truth: truth_mod
                 )
     elif method.family == "score":
         x, thetas, t_xz, _ = augmenter.sample_train_local(theta=to_madminer_theta(s.theta), **common)
-        t_est = np.asarray(estimator.evaluate_score(x=x))
-        t_est = t_est[0] if t_est.ndim == 3 else t_est
+        t_ests = [estimators.score(m, x) for m in members]
+        t_est = np.mean(t_ests, axis=0)
         np.save(tmp / "test_score_x.npy", x)
         np.save(tmp / "test_t_xz.npy", t_xz)
         np.save(tmp / "test_score_est.npy", t_est)
-        np.save(tmp / "test_score_theta_true.npy", np.asarray(estimator.evaluate_score(x=x_true)))
-        metrics["test_score_mse_vs_joint"] = float(np.mean((t_est - t_xz) ** 2))
+        np.save(tmp / "test_score_theta_true.npy", estimators.score(estimator, x_true))
+        metrics.update(with_spread(lambda t: {"test_score_mse_vs_joint": float(np.mean((t - t_xz) ** 2))}, t_ests))
         if truth is not None:
             reference = single_point(thetas)
             if reference is None:
                 log.info("truth score metrics skipped: sampling.theta is not a single point")
             else:
-                metrics.update(truth_score_metrics(t_est, truth, x, reference, tmp))
+                exact = truth.score(x, reference)
+                np.save(tmp / "test_score_truth.npy", exact)
+                metrics.update(with_spread(lambda t: truth_score_metrics(t, truth, x, reference), t_ests))
     else:
-        log_p = estimator.evaluate_log_likelihood(x=x_true, theta=true_point.reshape(1, -1))[0]
-        np.save(tmp / "test_log_p_theta_true.npy", np.asarray(log_p))
-        metrics["test_mean_log_likelihood"] = float(np.mean(log_p))
+        log_ps = [
+            np.asarray(m.evaluate_log_likelihood(x=x_true, theta=true_point.reshape(1, -1))[0]).ravel()
+            for m in members
+        ]
+        np.save(tmp / "test_log_p_theta_true.npy", np.mean(log_ps, axis=0))
+        metrics.update(with_spread(lambda log_p: {"test_mean_log_likelihood": float(np.mean(log_p))}, log_ps))
         if truth is not None:
             metrics.update(
                 truth_density_metrics(
                     estimator, truth, x_true, theta_grid_of(cfg, info), true_point, benchmark_points(info), tmp
                 )
             )
+    return metrics
+
+
+def with_spread(compute, predictions: list) -> dict:
+    """``compute(mean prediction)``; for an ensemble (several member predictions) also every metric's
+    spread over the members, ``<metric>_ensemble_std`` (std of the metric computed per member)."""
+    metrics = compute(np.mean(predictions, axis=0))
+    if len(predictions) > 1:
+        per_member = [compute(p) for p in predictions]
+        for key in list(metrics):
+            metrics[f"{key}_ensemble_std"] = float(np.std([m[key] for m in per_member]))
     return metrics
 
 
@@ -318,9 +462,11 @@ def truth_log_r_metrics(
     """
     names = list(points)
     thetas = np.vstack([grid] + [np.reshape(points[n], (1, -1)) for n in names])
-    estimated = model_log_r_grid(estimator, x, thetas, reference)
+    predictions = [model_log_r_grid(m, x, thetas, reference) for m in estimators.members(estimator)]
+    estimated = np.mean(predictions, axis=0)
     exact = truth.log_r_grid(x, thetas, reference)
-    metrics = _log_r_comparison(estimated, exact, len(grid), names)
+    metrics = with_spread(lambda est: _log_r_comparison(est, exact, len(grid), names), predictions)
+    _log_comparison(metrics, estimated[: len(grid)].shape)
     if tmp is not None:
         np.save(tmp / "test_log_r_grid_est.npy", estimated[: len(grid)].astype(np.float32))
         np.save(tmp / "truth_log_r_grid.npy", exact[: len(grid)].astype(np.float32))
@@ -339,12 +485,19 @@ def truth_density_metrics(
     names = list(points)
     reference = np.zeros(truth.n_parameters)
     thetas = np.vstack([grid] + [np.reshape(points[n], (1, -1)) for n in names] + [reference, true_point])
-    log_p = model_log_likelihood_grid(estimator, x, thetas)
-    estimated = log_p[:-2] - log_p[-2]
     exact = truth.log_r_grid(x, thetas[:-2], reference)
-    metrics = _log_r_comparison(estimated, exact, len(grid), names)
-    gap = truth.log_likelihood(x, true_point) - log_p[-1]
-    metrics["truth_log_likelihood_gap"] = float(np.mean(gap))
+    exact_log_p = truth.log_likelihood(x, true_point)
+
+    def compare(log_p):
+        metrics = _log_r_comparison(log_p[:-2] - log_p[-2], exact, len(grid), names)
+        metrics["truth_log_likelihood_gap"] = float(np.mean(exact_log_p - log_p[-1]))
+        return metrics
+
+    predictions = [model_log_likelihood_grid(m, x, thetas) for m in estimators.members(estimator)]
+    log_p = np.mean(predictions, axis=0)
+    estimated = log_p[:-2] - log_p[-2]
+    metrics = with_spread(compare, predictions)
+    _log_comparison(metrics, estimated[: len(grid)].shape)
     if tmp is not None:
         np.save(tmp / "test_log_r_grid_est.npy", estimated[: len(grid)].astype(np.float32))
         np.save(tmp / "truth_log_r_grid.npy", exact[: len(grid)].astype(np.float32))
@@ -353,11 +506,9 @@ def truth_density_metrics(
     return metrics
 
 
-def truth_score_metrics(t_est, truth, x, reference, tmp: Path | None = None) -> dict:
+def truth_score_metrics(t_est, truth, x, reference) -> dict:
     """MSE (mean over events and components) of the estimated vs the true score t(x | reference)."""
     exact = truth.score(x, reference)
-    if tmp is not None:
-        np.save(tmp / "test_score_truth.npy", exact)
     t_est = np.asarray(t_est, dtype=np.float64).reshape(exact.shape)
     return {
         "truth_score_mse": float(np.mean((t_est - exact) ** 2)),
@@ -374,14 +525,19 @@ def _log_r_comparison(estimated: np.ndarray, exact: np.ndarray, n_grid: int, nam
     for i, name in enumerate(names):
         row = n_grid + i
         metrics[f"truth_log_r_mse_at_{name}"] = float(np.mean((estimated[row] - exact[row]) ** 2))
+    return metrics
+
+
+def _log_comparison(metrics: dict, shape: tuple[int, int]) -> None:
+    spread = metrics.get("truth_log_r_mse_ensemble_std")
     log.info(
-        "truth: log r MSE %.4g over %d grid points x %d test events (correlation %.4f)",
+        "truth: log r MSE %.4g%s over %d grid points x %d test events (correlation %.4f)",
         metrics["truth_log_r_mse"],
-        est.shape[0],
-        est.shape[1],
+        "" if spread is None else f" (ensemble spread {spread:.3g})",
+        shape[0],
+        shape[1],
         metrics["truth_log_r_corr"],
     )
-    return metrics
 
 
 def single_point(thetas) -> np.ndarray | None:
@@ -451,7 +607,7 @@ def _batched(estimator, x, thetas, theta1s, kind: str) -> np.ndarray:
     x = estimator._transform_inputs(np.array(x, dtype=np.float64))
     if estimator.features is not None:
         x = x[:, estimator.features]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(app_device.current())  # training.device, applied by app.device.use in run()
     model = estimator.model.to(device, torch.float)
     model.eval()
     xs = torch.as_tensor(x, dtype=torch.float, device=device)

@@ -75,12 +75,12 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
     n_val = n_validation_samples(s)
     with atomic_dir(target) as tmp:
         common["folder"] = str(tmp)
-        x, n_effective = _draw(augmenter, cfg, method, common)
+        x, n_effective = _draw(augmenter, cfg, info, method, common)
         x_val = None
         if n_val:
             # Same theta spec, MadMiner's validation partition: no validation event is a training event.
             val = dict(common, n_samples=n_val, partition="validation", filename=VAL_FILENAME)
-            x_val, _ = _draw(augmenter, cfg, method, val)
+            x_val, _ = _draw(augmenter, cfg, info, method, val)
         write_json(
             tmp / "samples.json",
             {
@@ -98,6 +98,7 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
         )
     n_val_drawn = 0 if x_val is None else int(x_val.shape[0])
     log.info("sampled %d training and %d validation samples into %s", x.shape[0], n_val_drawn, target)
+    warn_if_oversampled(cfg, info, int(x.shape[0]), float(np.min(n_effective)))
     return SampleResult(target, int(x.shape[0]), float(np.min(n_effective)), n_validation=n_val_drawn)
 
 
@@ -110,12 +111,18 @@ def n_validation_samples(s: DictConfig) -> int:
     return max(1, s.n_samples // 4)
 
 
-def _draw(augmenter, cfg: DictConfig, method: Method, common: dict):
+def _draw(augmenter, cfg: DictConfig, info: FileInfo, method: Method, common: dict):
     """One call of the SampleAugmenter method that ``method`` trains on; returns (x, n_effective)."""
     s = cfg.sampling
     if method.sampling == "ratio" and cfg.training.estimator == "double_parameterized":
+        if _single_point(s.theta1) and common["partition"] == "train":
+            log.info(
+                "double_parameterized: sampling.theta1 is one point, so theta1 is drawn like theta0 (%s) "
+                "for the estimator to learn r(x | theta0, theta1) at varying theta1",
+                _describe(double_theta1_spec(cfg, info)),
+            )
         result = augmenter.sample_train_more_ratios(
-            theta0=to_madminer_theta(s.theta0), theta1=to_madminer_theta(s.theta1), **common
+            theta0=to_madminer_theta(s.theta0), theta1=ratio_theta1(cfg, info), **common
         )
     elif method.sampling == "ratio":
         result = augmenter.sample_train_ratio(
@@ -126,6 +133,48 @@ def _draw(augmenter, cfg: DictConfig, method: Method, common: dict):
     else:
         result = augmenter.sample_train_density(theta=to_madminer_theta(s.theta), **common)
     return result[0], result[-1]
+
+
+def _single_point(spec) -> bool:
+    return spec.type in ("benchmark", "morphing_point")
+
+
+def _describe(spec) -> str:
+    return ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(spec).items() if v is not None)
+
+
+def double_theta1_spec(cfg: DictConfig, info: FileInfo):
+    """theta1 for a double-parameterized estimator when sampling.theta1 is one point: theta0's spec when
+    that has several points, else 20 points drawn flat over the file's parameter ranges."""
+    s = cfg.sampling
+    if not _single_point(s.theta0):
+        return s.theta0
+    priors = [["flat", float(lo), float(hi)] for lo, hi in info.parameter_ranges]
+    return OmegaConf.create({"type": "random_morphing_points", "n": 20, "priors": priors})
+
+
+def ratio_theta1(cfg: DictConfig, info: FileInfo):
+    """MadMiner's theta1 for ratio sampling (training and test): ``sampling.theta1``, except that a
+    double-parameterized estimator must see theta1 vary (:func:`double_theta1_spec`)."""
+    s = cfg.sampling
+    if cfg.training.estimator == "double_parameterized" and _single_point(s.theta1):
+        return to_madminer_theta(double_theta1_spec(cfg, info))
+    return to_madminer_theta(s.theta1)
+
+
+def warn_if_oversampled(cfg: DictConfig, info: FileInfo, n_samples: int, n_effective: float) -> None:
+    """Warn when more samples are drawn than the train partition has distinct events (they repeat)."""
+    s = cfg.sampling
+    n_distinct = int(info.n_events * (1.0 - s.test_split - s.validation_split))
+    if n_samples > n_distinct:
+        log.warning(
+            "sampling.n_samples=%d exceeds the %d distinct events of the train partition (%d events x "
+            "(1 - test_split - validation_split)): events repeat, effective sample size %.0f",
+            n_samples,
+            n_distinct,
+            info.n_events,
+            n_effective,
+        )
 
 
 def load(samples_dir: Path, method: Method) -> SampleResult:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from app import estimators
+from app import device, estimators
 from app.datafile import FileInfo
 from app.errors import UserError
 from app.io import atomic_dir, read_json, write_json
@@ -95,7 +93,6 @@ def run(
     estimator_kind = t.estimator
     inputs = training_inputs(method, estimator_kind, files)
     validation = _validation(cfg, method, estimator_kind, samples_dir)
-    _select_device(t.device)
 
     import numpy as np
     import torch
@@ -126,7 +123,7 @@ def run(
 
     history: list[list[dict]] = []
     with atomic_dir(out_dir / "model") as tmp:
-        with _epoch_hook(t.n_epochs, history, on_epoch):
+        with device.use(t.device), _epoch_hook(t.n_epochs, history, on_epoch):
             if t.n_estimators > 1:
                 from madminer.ml import Ensemble
 
@@ -175,23 +172,6 @@ def load(model_dir: Path, method: Method) -> TrainResult:
             f"use training={meta['method']} or another training.model_dir"
         )
     return TrainResult(model_dir, model_dir / meta["model_name"], meta.get("metrics", {}), reused=True)
-
-
-def _select_device(device: str) -> None:
-    """MadMiner trains on CUDA whenever torch sees it; ``cpu`` hides the GPUs from this process."""
-    if device == "cpu":
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-            log.warning(
-                "training.device=cpu requested after CUDA was initialised; MadMiner may still use the GPU"
-            )
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(
-                "training.device=cuda but torch sees no CUDA device; use training.device=auto or cpu"
-            )
 
 
 def _validation(cfg: DictConfig, method: Method, estimator: str, samples_dir: Path) -> dict:
