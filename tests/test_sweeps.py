@@ -119,6 +119,10 @@ def test_cache_reuses_stages_and_records_provenance(run_app, tmp_path):
     assert record["sample"]["status"] == "reused" and record["sample"]["source"] == str(first)
     assert record["train"]["status"] == record["evaluate"]["status"] == "computed"
     assert "stage sample   reused from the cache" in proc.out
+    # the estimator-independent rate and histogram limits and their Fisher information: once per sweep
+    assert record["baseline"] == {"computed": 0, "reused": 3}
+    for name in ("p_values_rate.npy", "p_values_histo.npy", "fisher_histo.npy"):
+        np.testing.assert_array_equal(np.load(first / "results" / name), np.load(second / "results" / name))
     proc = run_app(*TINY, "training.alpha=3", "evaluation.luminosity=20000", run_dir=third)  # evaluation only
     record = json.loads((third / "run.json").read_text())["cache"]
     assert record["train"]["status"] == "reused" and record["evaluate"]["status"] == "computed"

@@ -100,7 +100,8 @@ def run(cfg: DictConfig) -> float | None:
             with _timed("evaluate"):
                 folder = ctx.produce(
                     "evaluate",
-                    lambda tmp: evaluate.run(cfg, method, info, model.model_file, tmp, train_metrics=model.metrics),
+                    lambda tmp: evaluate.run(cfg, method, info, model.model_file, tmp, train_metrics=model.metrics,
+                                             memo=ctx.memo),
                 )
         if name == "sample":
             return sample.load(folder, method)
@@ -156,6 +157,29 @@ class _Stages:
             "upstream": self.keys.get(upstream) if upstream else None,
             "produced_by": self.producer,
         }
+
+    def memo(self, name: str, config: dict, compute) -> dict:
+        """Estimator-independent results (rate and histogram limits, their Fisher information) once per data file
+        and settings: the ``baseline`` entries of the stage cache (computed directly when the cache is off)."""
+        import numpy as np
+
+        from app import cache
+
+        if not self.cache.enabled:
+            return compute()
+
+        def build(tmp: Path) -> None:
+            arrays = {k: np.asarray(v) for k, v in compute().items() if v is not None}
+            np.savez(tmp / "arrays.npz", **arrays)
+
+        key = cache.stage_key("baseline", data_digest=self.digest, config={"name": name, **config}, upstream=None)
+        meta = {"data_digest": self.digest, "data_path": str(self.info.path), "name": name, "config": config,
+                "produced_by": self.producer}
+        entry, reused = self.cache.get_or_create("baseline", key, build, meta)
+        counts = self.record.setdefault("baseline", {"reused": 0, "computed": 0})
+        counts["reused" if reused else "computed"] += 1
+        with np.load(entry.path / "arrays.npz") as found:
+            return {k: found[k] for k in found.files}
 
     def is_given(self, stage: str) -> bool:
         from app import provenance

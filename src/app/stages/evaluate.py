@@ -119,8 +119,14 @@ def run(
     model_file: Path | None,
     out_dir: Path,
     train_metrics: dict | None = None,
+    memo=None,
 ) -> EvaluateResult:
-    """Limits, Fisher information and test predictions; ``metrics.json`` also holds ``train_metrics``."""
+    """Limits, Fisher information and test predictions; ``metrics.json`` also holds ``train_metrics``.
+
+    ``memo(name, config, compute)``, when given, returns ``compute()`` (a dict of arrays) for the results that do
+    not depend on the estimator (rate and histogram limits, their Fisher information), computed once per data file
+    and ``config`` (the pipeline backs it with the stage cache).
+    """
     compat.apply()
     ev = cfg.evaluation
     target = out_dir / "results"
@@ -130,9 +136,9 @@ def run(
     with atomic_dir(target) as tmp, app_device.use(cfg.training.device):
         np.random.seed(cfg.sampling.seed + 1)
         with estimators.madminer_loads_from(model_file.parent) if model_file else nullcontext():
-            metrics.update(_limits(cfg, method, info, model_file, tmp, truth))
+            metrics.update(_limits(cfg, method, info, model_file, tmp, truth, memo))
             if ev.fisher.enabled:
-                metrics.update(_fisher(cfg, method, info, model_file, tmp))
+                metrics.update(_fisher(cfg, method, info, model_file, tmp, memo))
         if model_file is not None:
             metrics.update(_test_predictions(cfg, method, info, model_file, tmp, truth))
         write_json(tmp / "limits.json", {"runs": [list(r) for r in limit_runs(cfg, method)]})
@@ -165,7 +171,27 @@ def theta_grid_of(cfg: DictConfig, info: FileInfo) -> np.ndarray:
     return AsymptoticLimits._make_theta_grid(grid_ranges(cfg, info), grid_resolutions(cfg, info))[0]
 
 
-def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth | None = None) -> dict:
+LIMIT_RESULTS = ("theta_grid", "p_values", "i_ml", "llr_kin", "llr_rate")
+
+
+def _expected_limits(limits, kwargs: dict, seed: int, memo) -> tuple:
+    """AsymptoticLimits.expected_limits, with a fixed random state per limit; through ``memo`` for the limits that
+    do not depend on the estimator (no model_file), so a sweep computes them once."""
+    import zlib
+
+    def compute() -> dict:
+        np.random.seed((seed + zlib.crc32(str(kwargs["mode"]).encode()) + int(kwargs["include_xsec"])) % 2**32)
+        return dict(zip(LIMIT_RESULTS, limits.expected_limits(**kwargs)[:5]))
+
+    if memo is None or "model_file" in kwargs:
+        found = compute()
+    else:
+        config = {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+        found = memo("limits", {**config, "seed": seed}, compute)
+    return tuple(found[name] for name in LIMIT_RESULTS)
+
+
+def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth | None = None, memo=None) -> dict:
     ev = cfg.evaluation
     limits = estimators.limits_class()(
         str(info.path), include_nuisance_parameters=cfg.sampling.include_nuisance
@@ -199,7 +225,8 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
                 kwargs.update(hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
             if name in THETAREF_MODES:
                 kwargs["thetaref"] = training_point(cfg, info)
-        theta_grid, p_values, i_ml, llr_kin, llr_rate, _ = limits.expected_limits(**kwargs)
+        theta_grid, p_values, i_ml, llr_kin, llr_rate = _expected_limits(limits, kwargs, cfg.sampling.seed, memo)
+        i_ml = int(i_ml)
         np.save(tmp / f"p_values_{key}.npy", p_values)
         np.save(tmp / f"best_fit_{key}.npy", theta_grid[i_ml])
         metrics[f"limits_{key}_cl68_fraction"] = float(np.mean(p_values > CL68_P_VALUE))
@@ -286,7 +313,7 @@ def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, i
     )
 
 
-def _fisher(cfg, method, info, model_file, tmp: Path) -> dict:
+def _fisher(cfg, method, info, model_file, tmp: Path, memo=None) -> dict:
     from madminer.fisherinformation import FisherInformation
 
     ev = cfg.evaluation
@@ -295,12 +322,16 @@ def _fisher(cfg, method, info, model_file, tmp: Path) -> dict:
     observable = ev.fisher.observable or info.observables[0]
     bins = OmegaConf.to_container(ev.fisher, resolve=True)["bins"]
     bins = np.asarray(bins, dtype=float) if isinstance(bins, list) else bins
-    matrices = {
-        "rate": fisher.rate_information(theta, luminosity=ev.luminosity)[0],
-        "histo": fisher.histo_information(theta, luminosity=ev.luminosity, observable=observable, bins=bins)[
-            0
-        ],
-    }
+
+    def baselines() -> dict:
+        return {
+            "rate": fisher.rate_information(theta, luminosity=ev.luminosity)[0],
+            "histo": fisher.histo_information(theta, luminosity=ev.luminosity, observable=observable, bins=bins)[0],
+        }
+
+    config = {"theta": theta.tolist(), "luminosity": ev.luminosity, "observable": observable,
+              "bins": np.asarray(bins).tolist(), "include_nuisance": cfg.sampling.include_nuisance}
+    matrices = dict(baselines() if memo is None else memo("fisher", config, baselines))
     if method.family == "score" and model_file is not None:
         matrices["full"] = fisher.full_information(
             theta,
