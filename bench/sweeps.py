@@ -1,0 +1,93 @@
+"""Sweep overhead, warm-cache reuse and parallel jobs, measured side by side in one run (ratios printed).
+
+    python bench/sweeps.py [--trials 8] [--quick]
+
+1. An 8-trial training-only grid on the toy (training.alpha varies): the wall time of the whole command against
+   the work in it (the stage times the jobs log: one sampling, the trainings, evaluations and plots). The
+   difference is the framework's overhead: process start, imports, Hydra, MLflow, copying stage outputs.
+2. The same sweep again on the warm cache: sampling, training and the estimator-independent limits are reused.
+3. The same sweep (on a fresh cache) with hydra/launcher=joblib n_jobs=2 against serial.
+Goals (issue 7): overhead <= 10 %, warm sampling and rate/histogram limits ~0 s, joblib >= 1.6x on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGE = re.compile(r"stage (\w+)\s+done in\s+([\d.]+) s")
+
+
+def sweep(workdir: Path, cache: Path, name: str, trials: int, extra: list[str], settings: list[str]) -> dict:
+    alphas = ",".join(str(2**i) for i in range(trials))
+    cmd = [sys.executable, "-m", "app", "-m", f"training.alpha={alphas}", *settings, *extra,
+           f"hydra.sweep.dir={workdir}/{name}"]
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    stages: dict[str, float] = {}
+    for stage, seconds in STAGE.findall(proc.stdout + proc.stderr):
+        stages[stage] = stages.get(stage, 0.0) + float(seconds)
+    records = [json.loads(p.read_text()).get("cache", {}) for p in sorted((workdir / name).glob("*/run.json"))]
+    baseline = {"computed": sum(r.get("baseline", {}).get("computed", 0) for r in records),
+                "reused": sum(r.get("baseline", {}).get("reused", 0) for r in records)}
+    samples = [r.get("sample", {}).get("status") for r in records]
+    return {"wall": wall, "stages": stages, "baseline": baseline, "samples": samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="small samples and networks (a smoke run)")
+    parser.add_argument("--tracking", default="local", choices=["local", "disabled"])
+    args = parser.parse_args()
+    settings = [f"tracking={args.tracking}", "evaluation.grid.resolutions=15"]
+    if args.quick:
+        settings += ["sampling.n_samples=1000", "training.n_epochs=3", "evaluation.n_test_samples=200"]
+    with tempfile.TemporaryDirectory(prefix="bench-sweeps-") as tmp:
+        tmp = Path(tmp)
+        # the toy is generated once, outside the measurements
+        subprocess.run([sys.executable, "-m", "app", "stage=sample", "tracking=disabled", f"hydra.run.dir={tmp}/toy"],
+                       cwd=tmp, env=dict(os.environ, MADMINER_SWEEPER_CACHE=str(tmp / "toycache")), check=True,
+                       capture_output=True)
+
+        def fresh_cache(name: str) -> Path:
+            cache = tmp / name
+            cache.mkdir()
+            (cache / "toy").symlink_to(tmp / "toycache" / "toy")
+            return cache
+
+        cold_cache = fresh_cache("cache-serial")
+        cold = sweep(tmp, cold_cache, "serial", args.trials, [], settings)
+        warm = sweep(tmp, cold_cache, "warm", args.trials, [], settings)
+        parallel = sweep(tmp, fresh_cache("cache-joblib"), "joblib", args.trials,
+                         ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], settings)
+
+    work = sum(cold["stages"].get(s, 0.0) for s in ("sample", "train", "evaluate", "plot"))
+    overhead = cold["wall"] - work
+    print(f"machine: {os.cpu_count()} cores; {args.trials} trials; tracking={args.tracking}")
+    print(f"cold serial sweep      wall {cold['wall']:7.1f} s; stage work {work:6.1f} s "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in cold['stages'].items())})")
+    print(f"  framework overhead   {overhead:7.1f} s = {100 * overhead / cold['wall']:.1f} % of the wall time "
+          f"(goal <= 10 %); samples {cold['samples'].count('computed')} computed, "
+          f"{cold['samples'].count('reused')} reused; rate/histo limits+Fisher computed "
+          f"{cold['baseline']['computed']}, reused {cold['baseline']['reused']}")
+    print(f"warm cache sweep       wall {warm['wall']:7.1f} s; sample {warm['stages'].get('sample', 0):.2f} s, "
+          f"train {warm['stages'].get('train', 0):.2f} s, evaluate {warm['stages'].get('evaluate', 0):.2f} s; "
+          f"baselines computed {warm['baseline']['computed']}; cold/warm = {cold['wall'] / warm['wall']:.1f}x")
+    print(f"joblib n_jobs=2        wall {parallel['wall']:7.1f} s; serial/joblib = "
+          f"{cold['wall'] / parallel['wall']:.2f}x (goal >= 1.6x on 2 cores)")
+
+
+if __name__ == "__main__":
+    main()
