@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.datafile import FileInfo
@@ -13,6 +15,7 @@ METRIC_PREFIXES = ("limits_", "fisher_", "test_", "truth_")
 
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
+    check_finite(cfg)
     method = get_method(cfg.training.method)
     estimator = cfg.training.estimator
     method.check_estimator(estimator)
@@ -99,6 +102,25 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
                 f"{method.family} model; use mode {method.limit_mode} (or leave evaluation.modes=null)"
             )
     return method
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """NaN or inf in any numeric option (``training.alpha=nan``, ``evaluation.luminosity=inf``, a list entry)
+    is rejected before any stage work: MadMiner would only fail on it (or silently train on NaN) much later."""
+
+    def walk(node, key: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk(v, f"{key}[{i}]")
+        else:
+            yield key, node
+
+    for key, value in walk(OmegaConf.to_container(cfg, resolve=True), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} is not a finite number; set {key} to a finite value")
 
 
 def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:
