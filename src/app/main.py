@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -54,6 +55,15 @@ def task(cfg: DictConfig) -> float | None:
         if _full_error() or not _is_write_failure(err):
             raise
         _report(UserError(file_error_message(err, cfg)))
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused code in a model file
+        if _full_error():
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        _report(UserError(
+            f"refused to load a model file of {cfg.training.model_dir or 'this run'}: it holds code, not only "
+            f"tensors ({found.group(1) if found else 'not a plain state dict'}); load only models this app wrote "
+            "(training.model_dir=<an earlier run>/model)"
+        ))
 
 
 # Failures of the disk or of permissions: the user's to fix, so one line rather than a traceback.
