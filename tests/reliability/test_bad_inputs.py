@@ -232,6 +232,8 @@ CASES = [
          tracking=True),
     Case("file-size-limit-while-sampling", ["sampling.n_samples=3000"], ["no space left while writing"],
          runner="fsize"),
+    Case("file-size-limit-while-training", ["training.n_hidden=[200,200]"],
+         ["no space left while writing the train stage's files"], runner="fsize"),
     Case("full-error-shows-traceback", [], ["NotADirectoryError"], _file_in_the_way("hydra.run.dir"),
          env={"HYDRA_FULL_ERROR": "1"}, hydra_message=True, traceback=True),
     # ---- services
@@ -353,7 +355,9 @@ def test_bad_input(case: Case, tmp_path, cache_dir, toy_file):
             # room for .hydra/, the log and run.json, not for the samples
             run_dir = stack.enter_context(_tmpfs(tmp_path / "disk", "48k")) / "run"
         elif case.runner == "fsize":
-            preexec = _limit_file_size(32 * 1024)  # logs and configs fit, x_train.npy (48 kB) does not
+            # logs, configs and TINY samples (10 kB a file) fit; 3000 samples (48 kB a file) or a [200,200]
+            # network (170 kB of weights, written by torch.save) do not
+            preexec = _limit_file_size(32 * 1024)
         if not case.multirun and not any(a.startswith("hydra.run.dir=") for a in extra + args):
             cmd.append(f"hydra.run.dir={run_dir}")
         start = time.time()
