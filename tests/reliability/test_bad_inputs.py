@@ -165,7 +165,7 @@ class Case:
 
 CASES = [
     # ---- the event file: every way it can fail to be what it claims
-    Case("missing-file", ["data=file", "data.path={tmp}/nope.h5"], ["not found", "data.path="], tracking=True),
+    Case("missing-file", ["data=file", "data.path={tmp}/nope.h5"], ["not found", "data.path="]),
     Case("not-hdf5-text", [], ["not HDF5", "events.h5"], _file_case(_text_file)),
     Case("hdf5-not-madminer", [], ["not a MadMiner event file", "parameters"], _file_case(_plain_hdf5)),
     Case("hdf5-cut-short", [], ["damaged or incomplete", "truncated", "copy or write the file again"],
@@ -206,7 +206,7 @@ CASES = [
     Case("unknown-fisher-observable", ["evaluation.fisher.observable=nope"], ["observable 'nope'"]),
     Case("theta-true-wrong-length", ["evaluation.theta_true=[0,0,0]"], ["theta_true", "one value per parameter"]),
     Case("zero-samples", ["sampling.n_samples=0"], ["sampling.n_samples must be positive"]),
-    Case("zero-epochs", ["training.n_epochs=0"], ["training.n_epochs must be positive"], tracking=True),
+    Case("zero-epochs", ["training.n_epochs=0"], ["training.n_epochs must be positive"]),
     Case("negative-luminosity", ["evaluation.luminosity=-1"], ["evaluation.luminosity must be positive"]),
     Case("quadratic-on-2-parameters", ["training.estimator=quadratic_morphing_aware"],
          ["exactly 1 parameter", "data.n_parameters=1"]),
