@@ -222,6 +222,9 @@ CASES = [
     # ---- where results and caches go
     Case("output-dir-blocked-by-file", [], ["cannot create or write the output dir", "hydra.run.dir="],
          _file_in_the_way("hydra.run.dir"), tracking=True, run_in_job=False),
+    Case("sweep-dir-blocked-by-file", ["training=alices,sally", "hydra.sweep.dir={tmp}/afile/sweep"],
+         ["cannot create or write the output dir", "hydra.sweep.dir="], _a_file("afile"), multirun=True,
+         tracking=True, run_in_job=False),
     Case("output-dir-read-only", [], ["cannot create or write the output dir", "Permission denied"],
          _read_only_dir("hydra.run.dir"), runner="unprivileged"),
     Case("cache-dir-blocked-by-file", [], ["cannot write", "paths.cache_dir="],
@@ -341,7 +344,7 @@ def test_bad_input(case: Case, tmp_path, cache_dir, toy_file):
         cmd += ["tracking=local", f"tracking.uri={uri}"]
     elif not any(a.startswith("tracking=") for a in args):
         cmd.append("tracking=disabled")
-    if case.multirun:
+    if case.multirun and not any(a.startswith("hydra.sweep.dir=") for a in extra + args):
         cmd.append(f"hydra.sweep.dir={tmp_path}/sweep")
 
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
