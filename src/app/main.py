@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
 from app.errors import UserError
+from app.tracking import redact_log_records
 
 
 def config_dir() -> str:
@@ -38,6 +39,7 @@ def config_dir() -> str:
 
 
 register_configs()
+redact_log_records()  # secrets (token=..., user:password@ in URIs) never reach a log line
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

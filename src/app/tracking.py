@@ -53,17 +53,27 @@ def redact_text(text: str) -> str:
     return _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
 
 
-class RedactSecrets(logging.Filter):
-    """Logging filter (``hydra.job_logging`` / ``hydra.hydra_logging`` in conf/config.yaml): log lines,
-    including Hydra's own list of a sweep's overrides and the Optuna sweeper's storage URL, pass
-    through :func:`redact_text` before any handler writes them."""
+def redact_log_records() -> None:
+    """Every log record's message passes :func:`redact_text` when it is created, whatever handlers Hydra
+    configures later (its own sweep lines ``#0 : <overrides>``, the Optuna sweeper's ``Storage: <url>``,
+    the jobs' console and ``<job>.log``). Installed once per process by :mod:`app.main`."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacts", False):
+        return
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report, when it emits
+            return record
         safe = redact_text(message)
         if safe != message:
             record.msg, record.args = safe, None
-        return True
+        return record
+
+    factory.redacts = True
+    logging.setLogRecordFactory(factory)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:

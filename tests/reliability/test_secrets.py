@@ -8,6 +8,7 @@ place that keeps what was typed, like the shell history; ``${oc.env:VAR}`` keeps
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def test_secret_keys_and_uri_credentials_are_redacted():
     assert tracking.redact_text(line) == (
         r"#0 : +vars.ssh_key=*** monkey=3 tracking.uri=postgresql\://***@db:5432/x Storage: http://***@h/"
     )
+
+
+def test_log_records_are_redacted_whatever_the_handlers(caplog):
+    tracking.redact_log_records()
+    tracking.redact_log_records()  # once per process, however often called
+    with caplog.at_level(logging.INFO, logger="app.test"):
+        logging.getLogger("app.test").info("Storage: %s, %s", "postgresql://bob:pw@db/x", "api_token=abc")
+    assert caplog.records[0].getMessage() == "Storage: postgresql://***@db/x, api_token=***"
+    # a bad format string stays logging's to report when it emits, not an error where it is logged
+    record = logging.getLogRecordFactory()("app.test", logging.INFO, __file__, 1, "bad %d", ("x",), None)
+    assert record.msg == "bad %d"
 
 
 def test_secrets_in_overrides_reach_no_param_tag_artifact_log_or_database(tmp_path, cache_dir):
