@@ -99,7 +99,8 @@ class MLflowCallback(Callback):
         self.parent = {"run_id": run.info.run_id, "experiment_id": self.experiment_id, "uri": uri}
         self.config = config
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_FILE).write_text(json.dumps(self.parent))
+        # the jobs need the ids only; the URI (maybe with user:password@) stays out of the sweep dir
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({k: v for k, v in self.parent.items() if k != "uri"}))
         # Hydra skips on_multirun_end when a job's error or Ctrl-C ends the sweep: close the parent anyway.
         _watch_uncaught_exceptions()
         atexit.register(self._close_parent_at_exit)

@@ -36,17 +36,34 @@ def load(model_dir: Path):
 
     meta = read_json(Path(model_dir) / "model.json")
     cls = getattr(ml, CLASSES[meta["estimator"]])
-    if meta["n_estimators"] > 1:
-        folder = Path(model_dir) / meta["model_name"]
-        members = []
-        for i in range(meta["n_estimators"]):
-            member = cls()
-            member.load(str(folder / f"estimator_{i}"))
-            members.append(member)
-        return ml.Ensemble(members)
-    estimator = cls()
-    estimator.load(str(Path(model_dir) / meta["model_name"]))
-    return estimator
+    with _weights_only():
+        if meta["n_estimators"] > 1:
+            folder = Path(model_dir) / meta["model_name"]
+            members = []
+            for i in range(meta["n_estimators"]):
+                member = cls()
+                member.load(str(folder / f"estimator_{i}"))
+                members.append(member)
+            return ml.Ensemble(members)
+        estimator = cls()
+        estimator.load(str(Path(model_dir) / meta["model_name"]))
+        return estimator
+
+
+@contextmanager
+def _weights_only():
+    """MadMiner's ``load`` calls ``torch.load(path, map_location="cpu")``: make it ``weights_only=True`` on every
+    torch version (the default only from torch 2.6), so a model file can hold tensors but never code."""
+    import functools
+
+    import torch
+
+    original = torch.load
+    torch.load = functools.partial(original, weights_only=True)
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def members(estimator) -> list:

@@ -6,6 +6,7 @@ Only :mod:`app.callbacks` uses it; stages never import MLflow. MLflow itself is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -14,7 +15,14 @@ from typing import Any
 from app.errors import UserError
 
 REDACTED = "***"
-SECRET_KEY = re.compile(r"password|passwd|secret|token|credential|api_?key", re.IGNORECASE)
+# Keys that hold secrets: password, secret, token, credential, api_key / apikey, and key itself or NAME_key.
+SECRET_WORDS = r"password|passwd|secret|token|credential|api_?key"
+SECRET_KEY = re.compile(rf"{SECRET_WORDS}|(?:^|[_.\-])key$", re.IGNORECASE)
+_SECRET_PAIR = re.compile(  # key=value / key: value pairs inside free text (overrides, YAML dumps, log lines)
+    rf"(?<![\w.\-])(?P<key>[\w.\-]*(?:{SECRET_WORDS})[\w.\-]*|(?:[\w.\-]*[_.\-])?key)"
+    r"(?P<sep>\s*[=:]\s*)[^\s,'\"\]]+",
+    re.IGNORECASE,
+)
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ (or token@) in any URI
 TRUNCATED = "...[truncated; full value in the config artifact]"
 BATCH = 100  # MLflow's per-request limit for params and tags
@@ -42,13 +50,30 @@ def redact(value: Any, key: str = "") -> Any:
 
 def redact_text(text: str) -> str:
     text = URI_CREDENTIALS.sub(f"{REDACTED}@", text)
-    # key=value / key: value pairs inside free text (command-line overrides, YAML dumps)
-    return re.sub(
-        r"(?P<key>[\w.\-]*(?:password|passwd|secret|token|credential|api_?key)[\w.\-]*)(?P<sep>\s*[=:]\s*)[^\s,'\"\]]+",
-        lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}",
-        text,
-        flags=re.IGNORECASE,
-    )
+    return _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
+
+
+def redact_log_records() -> None:
+    """Every log record's message passes :func:`redact_text` when it is created, whatever handlers Hydra
+    configures later (its own sweep lines ``#0 : <overrides>``, the Optuna sweeper's ``Storage: <url>``,
+    the jobs' console and ``<job>.log``). Installed once per process by :mod:`app.main`."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "redacts", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's to report, when it emits
+            return record
+        safe = redact_text(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return record
+
+    factory.redacts = True
+    logging.setLogRecordFactory(factory)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
@@ -100,7 +125,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     except Exception as err:  # noqa: BLE001 - any failure to reach the store is reported the same way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingUnavailable(
-            f"MLflow tracking store {redact_text(uri)} is unreachable ({first[:200]}); start the server, "
+            f"MLflow tracking store {redact_text(uri)} is unreachable ({redact_text(first)[:200]}); start the server, "
             "fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=local or tracking=disabled"
         ) from None
 

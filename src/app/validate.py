@@ -6,6 +6,8 @@ list with one entry applies that prior to each parameter (so the defaults run on
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.datafile import FileInfo
@@ -14,6 +16,7 @@ from app.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
 
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
+    check_finite(cfg)
     method = get_method(cfg.training.method)
     estimator = cfg.training.estimator
     method.check_estimator(estimator)
@@ -128,11 +131,30 @@ def _check_nuisance(cfg: DictConfig, info: FileInfo) -> None:
             f"sampling.include_nuisance=true but {info.path.name} has no nuisance parameters; "
             "set sampling.include_nuisance=false"
         )
-    if cfg.stage in ("all", "evaluate"):
+    if cfg.stage in ("all", "evaluate", "plot"):
         raise UserError(
             "sampling.include_nuisance=true cannot be evaluated: MadMiner 0.9.6's AsymptoticLimits does not support "
             "nuisance parameters; run stage=sample or stage=train with it, or set sampling.include_nuisance=false"
         )
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """NaN or inf in any numeric option (``training.alpha=nan``, ``evaluation.luminosity=inf``, a list entry)
+    is rejected before any stage work: MadMiner would only fail on it (or silently train on NaN) much later."""
+
+    def walk(node, key: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk(v, f"{key}[{i}]")
+        else:
+            yield key, node
+
+    for key, value in walk(OmegaConf.to_container(cfg, resolve=True), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value} is not a finite number; set {key} to a finite value")
 
 
 def check_theta(spec: DictConfig, info: FileInfo, key: str) -> None:

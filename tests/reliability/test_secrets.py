@@ -1,0 +1,169 @@
+"""Secrets given in config or overrides never reach MLflow (params, tags, artifacts, the stored
+database), the logs or the console: grep everything a run wrote and everything MLflow stored.
+
+Hydra's own record of the command line (``.hydra/`` in each run dir, ``multirun.yaml``) is the one
+place that keeps what was typed, like the shell history; ``${oc.env:VAR}`` keeps it out of there too
+(docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from app import tracking
+
+SECRET = "Zq7-not-for-mlflow"
+ENV_SECRET = "Zq8-from-the-environment"
+
+
+def _secret_overrides() -> list[str]:
+    return [
+        f"+vars.api_token={SECRET}1",
+        f"+vars.db_password={SECRET}2",
+        f"+vars.ssh_key={SECRET}3",
+        f"+vars.client_secret={SECRET}4",
+        f"+vars.store=postgresql://alice:{SECRET}5@db.example/events",
+        f"+vars.nested={{token: {SECRET}6}}",
+        "+vars.env_token=${oc.env:SWEEPER_TEST_TOKEN}",
+    ]
+
+
+def _run(tmp_path: Path, cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), SWEEPER_TEST_TOKEN=ENV_SECRET,
+               PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "app", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def _leaks(roots: list[Path], texts: dict[str, str]) -> list[str]:
+    """Files under ``roots`` (Hydra's own records aside) and named texts that contain a secret."""
+    found = [name for name, text in texts.items() if SECRET in text or ENV_SECRET in text]
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or ".hydra" in path.parts or path.name == "multirun.yaml":
+                continue
+            data = path.read_bytes()
+            if SECRET.encode() in data or ENV_SECRET.encode() in data:
+                found.append(str(path))
+    return found
+
+
+def _hydra_records(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and (".hydra" in p.parts or p.name == "multirun.yaml")]
+
+
+def _mlflow_texts(uri: str) -> tuple[dict[str, str], list]:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("madminer-sweeper")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    texts = {}
+    for run in runs:
+        texts[f"{run.info.run_id} params"] = repr(run.data.params)
+        texts[f"{run.info.run_id} tags"] = repr(run.data.tags)
+    return texts, runs
+
+
+def test_secret_keys_and_uri_credentials_are_redacted():
+    assert tracking.redact({"ssh_key": "a", "key": "b", "keys": [1], "monkey": 2, "exclude_keys": []}) == {
+        "ssh_key": "***", "key": "***", "keys": [1], "monkey": 2, "exclude_keys": []}
+    line = r"#0 : +vars.ssh_key=abc monkey=3 tracking.uri=postgresql\://bob\:pw@db:5432/x Storage: http://u:p@h/"
+    assert tracking.redact_text(line) == (
+        r"#0 : +vars.ssh_key=*** monkey=3 tracking.uri=postgresql\://***@db:5432/x Storage: http://***@h/"
+    )
+
+
+def test_log_records_are_redacted_whatever_the_handlers(caplog):
+    tracking.redact_log_records()
+    tracking.redact_log_records()  # once per process, however often called
+    with caplog.at_level(logging.INFO, logger="app.test"):
+        logging.getLogger("app.test").info("Storage: %s, %s", "postgresql://bob:pw@db/x", "api_token=abc")
+    assert caplog.records[0].getMessage() == "Storage: postgresql://***@db/x, api_token=***"
+    # a bad format string stays logging's to report when it emits, not an error where it is logged
+    record = logging.getLogRecordFactory()("app.test", logging.INFO, __file__, 1, "bad %d", ("x",), None)
+    assert record.msg == "bad %d"
+
+
+def test_secrets_in_overrides_reach_no_param_tag_artifact_log_or_database(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = _run(tmp_path, cache_dir, *TINY, "evaluation.fisher.enabled=false", "tracking=local",
+                f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/run", *_secret_overrides())
+    texts, runs = _mlflow_texts(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    params = runs[0].data.params
+    # the keys are there, their values are not
+    assert params["vars.api_token"] == params["vars.ssh_key"] == params["vars.env_token"] == "***"
+    assert params["vars.store"] == "postgresql://***@db.example/events" and params["vars.nested.token"] == "***"
+    artifacts = {p.relative_to(tmp_path / "mlruns").parts[-2:] for p in (tmp_path / "mlruns").rglob("*.yaml")}
+    assert {("hydra", "config.yaml"), ("hydra", "overrides.yaml"), ("hydra", "hydra.yaml")} <= artifacts
+    texts.update(stdout=proc.stdout, stderr=proc.stderr)
+    # everything the run wrote (log, run.json, results, model), the sqlite db and the artifact store
+    assert not _leaks([tmp_path], texts)
+    # ${oc.env:VAR} keeps the value out of Hydra's own records as well
+    records = _hydra_records(tmp_path / "run")
+    assert records and not any(ENV_SECRET.encode() in p.read_bytes() for p in records)
+
+
+@pytest.fixture
+def postgres_dbs():
+    """Two fresh PostgreSQL databases (MLflow's and Optuna's) on 127.0.0.1:5432; dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
+    admin.autocommit = True
+    names = [f"secrets_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("mlflow", "optuna")]
+    for name in names:
+        admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield names
+    finally:
+        for name in names:
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def _database_text(name: str) -> str:
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=name) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        tables = [row[0] for row in cur.fetchall()]
+        rows = []
+        for table in tables:
+            cur.execute(f'SELECT * FROM "{table}"')
+            rows += [repr(r) for r in cur.fetchall()]
+    assert tables and rows
+    return "\n".join(rows)
+
+
+@pytest.mark.slow
+def test_credentials_in_tracking_and_optuna_uris_of_a_search(tmp_path, cache_dir, postgres_dbs):
+    """user:password@ in tracking.uri and hydra.sweeper.storage (a trusting local PostgreSQL ignores the
+    password), plus secret overrides, through an Optuna search with a parent run and two trials."""
+    mlflow_db, optuna_db = postgres_dbs
+    uri = f"postgresql://postgres:{SECRET}7@127.0.0.1:5432/{mlflow_db}"
+    proc = _run(tmp_path, cache_dir, "-m", "hparams_search=alices_optuna", "hydra.sweeper.n_trials=2", *TINY,
+                "evaluation.fisher.enabled=false", "tracking=local", f"tracking.uri={uri}",
+                f"hydra.sweeper.storage=postgresql://postgres:{SECRET}8@127.0.0.1:5432/{optuna_db}",
+                f"hydra.sweep.dir={tmp_path}/sweep", *_secret_overrides())
+    texts, runs = _mlflow_texts(uri)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert "postgresql://***@127.0.0.1" in proc.stdout  # the Optuna sweeper's "Storage:" line, redacted
+    texts.update(stdout=proc.stdout, stderr=proc.stderr, mlflow_database=_database_text(mlflow_db))
+    # sweep dir (job logs, .mlflow_parent.json, results), ./mlruns artifacts, MLflow's database
+    assert not _leaks([tmp_path], texts)
