@@ -46,7 +46,7 @@ def test_validation_samples_come_from_the_validation_partition(run_app, tmp_path
 def test_training_reports_each_loss_term_of_the_saved_model(run_app, tmp_path):
     run_app(*TINY, "training.n_epochs=3", "training.alpha=5")
     metrics = _metrics(tmp_path / "run")
-    assert metrics["validation"] == "partition"
+    assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["validation"] == "partition"
     for key in ("val_improved_xe", "val_mse_score", "train_improved_xe", "train_mse_score"):
         assert key in metrics and all(key in e for e in metrics["loss_history"]), key
     # val_loss is the total of the saved epoch, first term + alpha * score term, not the minimum over epochs

@@ -138,7 +138,6 @@ def run(
                 model_name = MODEL_NAME
         _check_finished(history, t.n_estimators, t.n_epochs)
         metrics = loss_metrics(history, early_stopping=kwargs["early_stopping"])
-        metrics["validation"] = "in-sample split (leaks)" if in_sample else ("partition" if validation else "none")
         write_json(
             tmp / "model.json",
             {
@@ -151,6 +150,9 @@ def run(
                 "observables": list(info.observables),
                 "samples_dir": str(samples_dir),
                 "training": OmegaConf.to_container(t, resolve=True, enum_to_str=True),
+                # what val_* measured: samples of the validation partition, MadMiner's split of the training
+                # samples (leaks), or nothing
+                "validation": "in-sample split (leaks)" if in_sample else ("partition" if validation else "none"),
                 "metrics": metrics,
             },
         )
