@@ -262,7 +262,9 @@ def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str
     if value is not None:
         log.info("objective %s = %.6g (%s)", objective[0], value, objective[1])
     if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
-        log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1", cfg.tracking.uri)
+        log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1, then open "
+                 "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the 'Model training' view)",
+                 cfg.tracking.uri)
 
 
 def _plain(cfg: DictConfig) -> DictConfig:
