@@ -262,9 +262,18 @@ def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str
     if value is not None:
         log.info("objective %s = %.6g (%s)", objective[0], value, objective[1])
     if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
-        log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1, then open "
-                 "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the 'Model training' view)",
-                 cfg.tracking.uri)
+        view = "#/experiments?workflowType=machine_learning"  # MLflow 3's 'Model training' view
+        if str(cfg.tracking.uri).startswith(("http://", "https://")):
+            log.info("compare runs: open %s/%s", tracking_redacted(cfg.tracking.uri), view)
+        else:
+            log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1, then open "
+                     "http://127.0.0.1:5000/%s", cfg.tracking.uri, view)
+
+
+def tracking_redacted(uri: str) -> str:
+    from app.tracking import redact_text
+
+    return redact_text(uri).rstrip("/")
 
 
 def _plain(cfg: DictConfig) -> DictConfig:
