@@ -70,6 +70,11 @@ class MLflowCallback(Callback):
             self.experiment_id = tracking.ensure_experiment(uri, name)
         except tracking.TrackingUnavailable as err:
             _fail(err)
+        try:  # runs left RUNNING by a process that died (kill -9, a lost node) end FAILED
+            for run_id in tracking.close_orphans(tracking.client(uri), self.experiment_id):
+                log.warning("closed orphaned run %s as FAILED (its process had died)", run_id)
+        except Exception as err:  # noqa: BLE001 - housekeeping must not stop the run
+            log.warning("could not look for orphaned runs: %s", err)
         return uri
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -87,7 +92,8 @@ class MLflowCallback(Callback):
         name = sweeper.get("study_name") if "study_name" in sweeper else None
         name = name or f"sweep-{sweep_dir.name}"
         c = tracking.client(uri)
-        run = c.create_run(self.experiment_id, run_name=name, tags={"sweep_dir": str(sweep_dir), "kind": "sweep"})
+        run = c.create_run(self.experiment_id, run_name=name,
+                           tags={"sweep_dir": str(sweep_dir), "kind": "sweep", **tracking.process_tags()})
         tracking.set_tags(c, run.info.run_id, {"overrides": " ".join(config.hydra.overrides.task)})
         if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
@@ -185,7 +191,7 @@ class MLflowCallback(Callback):
         job_only = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
         tracking.log_params(c, run_id, tracking.flatten(tracking.redact(job_cfg)))
-        tracking.set_tags(c, run_id, _job_tags(config, run_id))
+        tracking.set_tags(c, run_id, {**_job_tags(config, run_id), **tracking.process_tags()})
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if not _enabled(config) or not _active.get("run_id"):
@@ -193,12 +199,26 @@ class MLflowCallback(Callback):
         from hydra.core.utils import JobStatus
 
         run_id = _active["run_id"]
+        failed = job_return.status == JobStatus.FAILED
+        error = job_return._return_value if failed else None
         try:
             _log_job_results(config, run_id, job_return)
-        finally:
-            failed = job_return.status == JobStatus.FAILED
-            error = job_return._return_value if failed else None
             end_active_run("FAILED" if failed else "FINISHED", error)
+        except Exception as err:  # noqa: BLE001 - the store went away (retries exhausted): say so in one line
+            from app import tracking
+
+            _active.pop("run_id", None)
+            first = tracking.redact_text(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+            message = (
+                f"MLflow tracking store unreachable while recording run {run_id} ({first[:200]}); the job's outputs "
+                f"are in {config.hydra.runtime.output_dir}; once the store is back, `python -m app.tracking "
+                "close-orphans` (or the next run) closes the run as FAILED"
+            )
+            if str(config.hydra.mode).endswith("MULTIRUN"):
+                log.error("error: %s", message)
+                return
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 _uncaught: dict[str, Any] = {}

@@ -9,7 +9,10 @@ import json
 import logging
 import os
 import re
+import socket
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from app.errors import UserError
@@ -27,8 +30,13 @@ URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ (or token@)
 TRUNCATED = "...[truncated; full value in the config artifact]"
 BATCH = 100  # MLflow's per-request limit for params and tags
 
-# An unreachable server takes minutes with MLflow's default retries; fail within seconds instead.
+# An unreachable server takes minutes with MLflow's default retries: the first contact fails within seconds ...
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# ... and once the store has answered, jobs ride out a restart of the server: 5 retries with backoff 1, 2, 4, 8,
+# 16 s, each request at most 10 s (about 1.5 min in all), then the job fails with one line.
+HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
 
 
 class TrackingUnavailable(UserError):
@@ -94,7 +102,9 @@ def truncate(value: str, limit: int) -> str:
 
 def configure(uri: str) -> None:
     for name, default in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, default)
+        if name not in os.environ:
+            os.environ[name] = default
+            _SET_HERE.add(name)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -106,10 +116,24 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def ride_out_restarts() -> None:
+    """After the first contact: retry requests for a bounded time (HTTP_RIDE_OUT), unless the user chose."""
+    for name, value in HTTP_RIDE_OUT.items():
+        if name not in os.environ or name in _SET_HERE:
+            os.environ[name] = value
+            _SET_HERE.add(name)
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment id, created if needed; fails fast with one line if the store is unreachable."""
     configure(uri)
     c = client(uri)
+    experiment_id = _ensure_experiment(c, uri, name)
+    ride_out_restarts()
+    return experiment_id
+
+
+def _ensure_experiment(c, uri: str, name: str) -> str:
     try:
         experiment = c.get_experiment_by_name(name)
         if experiment is not None:
@@ -163,3 +187,76 @@ def log_metrics(c, run_id: str, metrics: Iterable[tuple[str, float, int]]) -> No
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------- orphaned runs
+def process_tags() -> dict[str, str]:
+    """Where this run's process lives: a later run closes the run as FAILED if this process has died."""
+    pid = os.getpid()
+    return {"process.host": socket.gethostname(), "process.pid": str(pid), "process.start": _start_time(pid) or ""}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), which tells a reused pid from the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: str, start: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return not start or _start_time(int(pid)) == start
+
+
+def close_orphans(c, experiment_id: str, stale_hours: float | None = None) -> list[str]:
+    """End RUNNING runs whose process has died (this host) as FAILED; with ``stale_hours`` also RUNNING runs of any
+    host started more than that long ago. Returns their ids. Called when a run or sweep starts, and by
+    ``python -m app.tracking close-orphans``."""
+    import time
+
+    host = socket.gethostname()
+    closed = []
+    for run in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        mine = tags.get("process.host") == host and tags.get("process.pid")
+        if mine and not _alive(tags["process.pid"], tags.get("process.start", "")):
+            why = f"orphaned: its process {tags['process.pid']} on {host} ended without closing the run"
+        elif stale_hours is not None and run.info.start_time < (time.time() - 3600 * stale_hours) * 1000:
+            why = f"orphaned: still RUNNING {stale_hours:g} h after its start (python -m app.tracking close-orphans)"
+        else:
+            continue
+        set_tags(c, run.info.run_id, {"error": why})
+        c.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m app.tracking close-orphans --uri URI [--experiment NAME] [--stale-hours H]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m app.tracking", description=main.__doc__)
+    parser.add_argument("command", choices=["close-orphans"])
+    parser.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--experiment", default="madminer-sweeper")
+    parser.add_argument("--stale-hours", type=float, default=None,
+                        help="also close RUNNING runs of any host started more than this many hours ago")
+    args = parser.parse_args(argv)
+    try:
+        experiment_id = ensure_experiment(args.uri, args.experiment)
+    except TrackingUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    closed = close_orphans(client(args.uri), experiment_id, args.stale_hours)
+    print(f"closed {len(closed)} orphaned run(s) as FAILED in {redact_text(args.uri)}: {' '.join(closed) or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
