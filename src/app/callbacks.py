@@ -229,7 +229,7 @@ def _run_name(config: DictConfig) -> str:
     if str(hydra.mode).endswith("MULTIRUN"):
         return f"{method}-{hydra.job.num}"
     if os.environ.get(PARENT_ENV):
-        return f"{config.stage}-{method}"
+        return f"{getattr(config.stage, 'value', config.stage)}-{method}"
     return f"{method}-{time.strftime('%H%M%S')}"
 
 

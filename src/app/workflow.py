@@ -38,7 +38,9 @@ from app.errors import UserError
 
 log = logging.getLogger("app.workflow")
 
-WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflow" / "yadage"
+# The specs ship inside the wheel as app/yadage; in a source checkout they are workflow/yadage.
+_PACKAGED = Path(__file__).resolve().parent / "yadage"
+WORKFLOW_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "workflow" / "yadage"
 SAFE_PATH = re.compile(r"^[A-Za-z0-9/._,=+:@-]+$")
 SPEC = "workflow.json"
 PUBLISH = "publish.yml"
@@ -414,19 +416,38 @@ def _report(workdir: Path, uri: str, run_name: str, failure: str | None, served:
     return 0
 
 
+def workflow_spec(image: str | None = None) -> dict:
+    """The resolved workflow (steps.yml inlined); with ``image``, every step docker-encapsulated in it."""
+    from yadage.workflow_loader import workflow as load_workflow
+
+    spec = load_workflow("workflow.yml", toplevel=str(WORKFLOW_DIR))
+    if image:
+        name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+        docker = {"environment_type": "docker-encapsulated", "image": name, "imagetag": tag,
+                  "envscript": "", "resources": [], "par_mounts": [], "workdir": None, "env": {}}
+        for stage in spec["stages"]:
+            stage["scheduler"]["step"]["environment"] = dict(docker)
+    return spec
+
+
+def write_spec(args) -> None:
+    """``spec``: write the resolved workflow (for REANA: ``--docker --image REGISTRY/NAME:TAG``)."""
+    if args.docker and not args.image:
+        raise UserError("--docker needs --image REGISTRY/NAME:TAG, the image the cluster pulls")
+    text = json.dumps(workflow_spec(args.image if args.docker else None), indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+
+
 def _yadage(workdir: Path, initdata: dict, args) -> str | None:
     """Run the workflow; None on success, else yadage's reason."""
     from yadage.steering_api import run_workflow
     from yadage.utils import setupbackend_fromstring
-    from yadage.workflow_loader import workflow as load_workflow
 
-    spec = load_workflow("workflow.yml", toplevel=str(WORKFLOW_DIR))
-    if args.docker:
-        name, _, tag = args.image.partition(":")
-        docker = {"environment_type": "docker-encapsulated", "image": name, "imagetag": tag or "latest",
-                  "envscript": "", "resources": [], "par_mounts": [], "workdir": None, "env": {}}
-        for stage in spec["stages"]:
-            stage["scheduler"]["step"]["environment"] = dict(docker)
+    spec = workflow_spec(args.image if args.docker else None)
     logging.getLogger("yadage").setLevel(logging.WARNING)
     try:
         run_workflow(dataarg=str(workdir), workflow_json=spec, initdata=initdata,
@@ -500,6 +521,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--docker", action="store_true", help="run every step in the image (make image)")
     r.add_argument("--image", default=DEFAULT_IMAGE, help=f"the step image (default {DEFAULT_IMAGE})")
 
+    w = sub.add_parser("spec", help="write the resolved workflow, e.g. docker-encapsulated for REANA")
+    w.add_argument("--docker", action="store_true")
+    w.add_argument("--image")
+    w.add_argument("-o", "--output", help="file to write (default: stdout)")
+
     s = sub.add_parser("setup", help="(step) check, create the parent run, write workflow.json")
     for name in ("workdir", "data", "methods", "tracking-uri", "experiment", "run-name"):
         s.add_argument(f"--{name}", required=True)
@@ -526,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             raise SystemExit(run(args))
+        if args.command == "spec":
+            return write_spec(args)
         try:
             {"setup": setup, "step": step, "compare": compare}[args.command](args)
         except Exception as err:  # noqa: BLE001 - a failing step names itself, on the parent run too
