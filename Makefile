@@ -45,9 +45,13 @@ image-context:
 image: image-context
 	docker build --network host --build-arg BASE=$(BASE) -t $(IMAGE) build/image
 
-# The project's wheel and those of all its dependencies (CPU torch included), made on the host.
-wheelhouse:
+# The project's wheel and those of all its dependencies (CPU torch included), made on the host;
+# remade when pyproject.toml or src/ change.
+wheelhouse: build/wheelhouse/.complete
+build/wheelhouse/.complete: pyproject.toml $(shell find src conf -type f -not -path '*/__pycache__/*')
+	rm -f build/wheelhouse/madminer_sweeper-*.whl
 	$(PYTHON) -m pip wheel --wheel-dir build/wheelhouse . "$(TORCH)"
+	touch $@
 
 base-image-offline:
 	@test -n "$(DEBIAN_MIRROR)" || { echo "error: no Debian mirror found; set DEBIAN_MIRROR=..." >&2; exit 2; }

@@ -74,6 +74,25 @@ def test_yadage_validate_workflow():
     assert "validates" in proc.stdout
 
 
+def test_docker_spec_is_generated_from_the_one_steps_file(tmp_path):
+    """REANA's and --docker's workflow: every step of steps.yml, its environment swapped, still valid."""
+    import json
+
+    out = tmp_path / "workflow.json"
+    cmd = [sys.executable, "-m", "app.workflow", "spec", "--docker", "--image", "reg.example:5000/team/msw:1.2", "-o",
+           str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env=_env(tmp_path))
+    stages = json.loads(out.read_text())["stages"]
+    assert [s["name"] for s in stages] == list(STEPS)
+    for stage in stages:
+        env = stage["scheduler"]["step"]["environment"]
+        assert (env["environment_type"], env["image"], env["imagetag"]) == (
+            "docker-encapsulated", "reg.example:5000/team/msw", "1.2")
+        assert stage["scheduler"]["step"]["process"]["cmd"].startswith("python -m app.workflow ")
+    proc = subprocess.run(["yadage-validate", "-t", str(tmp_path), out.name], capture_output=True, text=True)
+    assert proc.returncode == 0 and "validates" in proc.stdout, proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------------------- parameters as data
 @pytest.mark.parametrize("value", [WEIRD, "plain", "", "%41 100%", "a\\b\\", "it's", "x=${y} and ${oops}", "\n\t"])
 def test_encoded_values_are_inert_in_sh_and_decode_back(value, tmp_path):
