@@ -227,9 +227,11 @@ def test_failing_step_fails_its_run_and_the_parent(tmp_path, cache_dir):
                     reason="needs a Docker daemon and the step image (.ci/run sets MADMINER_SWEEPER_DOCKER_TEST=1)")
 def test_docker_run_alices_and_sally(tmp_path, cache_dir):
     image = os.environ.get("MADMINER_SWEEPER_IMAGE", "madminer-sweeper:latest")
-    proc = _workflow(tmp_path, cache_dir, "--docker", "--image", image, "--methods", "alices,sally", *TINY,
-                     timeout=1800)
+    data = _toy_copy(cache_dir, tmp_path / WEIRD)  # staged into the workflow dir, which the containers see
+    proc = _workflow(tmp_path, cache_dir, "--docker", "--image", image, "--data", str(data),
+                     "--methods", "alices,sally", *TINY_FILE, timeout=1800)
     assert proc.returncode == 0, proc.out[-6000:]
+    _no_side_effects(tmp_path, Path.cwd())
     out = tmp_path / "wf" / "comparing"
     with open(out / "comparison.csv") as f:
         assert {row["method"] for row in csv.DictReader(f)} == {"alices", "sally"}

@@ -36,8 +36,6 @@ from urllib.parse import quote, unquote
 from app.callbacks import PARENT_ENV  # the step's run nests under the run named there
 from app.errors import UserError
 
-log = logging.getLogger("app.workflow")
-
 # The specs ship inside the wheel as app/yadage; in a source checkout they are workflow/yadage.
 _PACKAGED = Path(__file__).resolve().parent / "yadage"
 WORKFLOW_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "workflow" / "yadage"
@@ -84,7 +82,7 @@ def safe_path(path: Path, what: str) -> Path:
 
 
 def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("~+").removeprefix("+")
+    return override.split("=", 1)[0].lstrip("~+")
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -127,8 +125,10 @@ def default_tracking(overrides: list[str]) -> tuple[str, str]:
     uri = t.uri
     if not uri:
         raise UserError(f"tracking={t.mode} needs a tracking URI; set MLFLOW_TRACKING_URI or --tracking-uri")
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # every step runs in its own dir
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri and not uri.startswith("file:"):
+        uri = str(Path(uri).resolve())
     return uri, t.experiment_name
 
 
@@ -350,8 +350,6 @@ def _read(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------- the runner
 def run(args) -> int:
-    from omegaconf import OmegaConf  # noqa: F401 - fail early if the project is not installed
-
     overrides = list(args.overrides)
     check_overrides(overrides)
     workdir = Path(args.workdir or time.strftime("workflow-runs/%Y-%m-%d/%H-%M-%S"))
