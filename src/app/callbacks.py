@@ -2,7 +2,8 @@
 
 - a run (or multirun) start checks the tracking store and creates the experiment, before any job;
 - a multirun is one parent run; its id is written into the sweep dir, where every job (in this
-  process or in joblib / submitit workers) reads it, so children nest under it;
+  process or in joblib / submitit workers) reads it, so children nest under it; a single run nests
+  under the run in ``$MADMINER_SWEEPER_PARENT_RUN_ID`` (a step of the Yadage workflow);
 - each job is one run: the resolved config as params (batched), group choices and provenance as
   tags, then at its end the metrics, the event file as input dataset, and the artifacts;
 - the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING.
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("app.tracking")
 
 PARENT_FILE = ".mlflow_parent.json"
+PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
 _active: dict[str, Any] = {}  # the run this process is logging to: {"run_id", "uri"}
 
 
@@ -172,6 +174,9 @@ class MLflowCallback(Callback):
             if parent_file.exists():
                 parent = json.loads(parent_file.read_text())
                 parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
+        if parent_id is None and os.environ.get(PARENT_ENV):  # a step of the Yadage workflow (app.workflow)
+            parent_id = os.environ[PARENT_ENV]
+            experiment_id = tracking.client(uri).get_run(parent_id).info.experiment_id
         if parent_id is None:
             experiment_id = self.experiment_id or tracking.ensure_experiment(uri, name)
         env_run = os.environ.get("MLFLOW_RUN_ID")
@@ -260,6 +265,8 @@ def _run_name(config: DictConfig) -> str:
     hydra = config.hydra
     if str(hydra.mode).endswith("MULTIRUN"):
         return f"{method}-{hydra.job.num}"
+    if os.environ.get(PARENT_ENV):
+        return f"{getattr(config.stage, 'value', config.stage)}-{method}"
     return f"{method}-{time.strftime('%H%M%S')}"
 
 
