@@ -445,7 +445,6 @@ def _copy_state(model) -> dict:
 def _validation_loss(model, forward, val, loss_functions, loss_weights) -> list[float]:
     """[total, *unweighted terms]: means over all validation samples, in chunks of VALIDATION_CHUNK."""
     import torch
-
     from madminer.utils.ml.trainer import Trainer
 
     model.eval()
