@@ -3,7 +3,8 @@
 Trains the same ALICES estimator (50x50 tanh network, MadMiner's defaults otherwise, n_workers=0)
 on the same toy samples with both trainers and prints training samples/s and their ratio: on CPU at
 batch 128 and 1024, and on CUDA (when torch sees it) at 1024, 8192 and 65536 with the samples tiled
-to --gpu-samples. Each figure is the median of --repeat runs, the two trainers alternating.
+to --gpu-samples. Each figure is the median of --repeat runs, the two trainers alternating, per wall
+second and per CPU second of the process (the steadier figure on a shared machine).
 
     python bench/trainer.py [--samples 20000] [--epochs 3] [--threads 1] [--repeat 3]
     python bench/trainer.py --agreement 10     # final validation losses of both trainers over seeds
@@ -54,6 +55,7 @@ def cuda_hidden(hide: bool):
 
 
 def time_one(trainer, data, device, batch_size, epochs, seed=0):
+    """(training samples per wall second, per CPU second of this process)."""
     import numpy as np
     import torch
     from madminer.ml import ParameterizedRatioEstimator
@@ -67,13 +69,13 @@ def time_one(trainer, data, device, batch_size, epochs, seed=0):
     with cuda_hidden(device == "cpu"):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fasttrain.fit(estimator, trainer, device, **kwargs)
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    n_train = len(data["x"]) - int(0.25 * len(data["x"]))
-    return n_train * epochs / seconds
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    n_samples = (len(data["x"]) - int(0.25 * len(data["x"]))) * epochs
+    return n_samples / seconds, n_samples / cpu_seconds
 
 
 def throughput(args, data, device, batches, epochs):
@@ -83,10 +85,12 @@ def throughput(args, data, device, batches, epochs):
         for _ in range(args.repeat):
             for trainer in rates:
                 rates[trainer].append(time_one(trainer, data, device, batch_size, epochs))
-        mm, fast = statistics.median(rates["madminer"]), statistics.median(rates["fast"])
-        rows.append((device, batch_size, mm, fast))
-        print(f"{device:<5} batch {batch_size:>6d}  madminer {mm:>12,.0f}/s  fast {fast:>12,.0f}/s  {fast / mm:6.1f}x",
-              flush=True)  # fmt: skip
+        for i, per in enumerate(("wall s", "CPU s")):
+            mm = statistics.median(r[i] for r in rates["madminer"])
+            fast = statistics.median(r[i] for r in rates["fast"])
+            rows.append((device, batch_size, per, mm, fast))
+            print(f"{device:<5} batch {batch_size:>6d}  per {per:<6}  madminer {mm:>12,.0f}/s  fast {fast:>12,.0f}/s  "
+                  f"{fast / mm:6.1f}x", flush=True)  # fmt: skip
     return rows
 
 
