@@ -186,3 +186,28 @@ def test_nans_and_unsupported_estimators(toy_path, caplog):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             fasttrain._device("cuda")
+
+
+def test_gpu_check_says_no_gpu_without_one():
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_check.sh runs the GPU checks instead")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "no GPU\n", (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_unknown_trainer_is_a_one_line_error(run_app):
+    from conftest import TINY
+
+    proc = run_app("training.trainer=fastest", *TINY, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: training.trainer=fastest is unknown; use fast or madminer "
+        "(fast: the app's training loop, madminer: MadMiner's own Trainer)"
+    )
+    assert "Traceback" not in proc.out
