@@ -209,7 +209,7 @@ def train(
             validation_split=validation_split, early_stopping=early_stopping, scale_inputs=scale_inputs,
             shuffle_labels=shuffle_labels, limit_samplesize=limit_samplesize, memmap=memmap, verbose=verbose,
             n_workers=n_workers, clip_gradient=clip_gradient, early_stopping_patience=early_stopping_patience,
-            **arrays,
+            **({} if scale_parameters else {"scale_parameters": False}), **arrays,
         )  # fmt: skip
     unknown = set(arrays) - {n for name in kind.inputs for n in (name, f"{name}_val")}
     if unknown:
@@ -233,26 +233,26 @@ def train(
     device = _device(device)
     with _threads_for(device, batch_size):
         return _fit(
-        estimator.model,
-        kind.forward,
-        data,
-        data_val,
-        loss_functions,
-        loss_labels,
-        loss_weights,
-        device=device,
-        epochs=n_epochs,
-        batch_size=batch_size,
-        optimizer=opt,
-        optimizer_kwargs=opt_kwargs or {},
-        initial_lr=initial_lr,
-        final_lr=final_lr,
-        validation_split=validation_split,
-        early_stopping=early_stopping,
-        early_stopping_patience=early_stopping_patience,
-        clip_gradient=clip_gradient,
-        verbose=verbose,
-    )
+            estimator.model,
+            kind.forward,
+            data,
+            data_val,
+            loss_functions,
+            loss_labels,
+            loss_weights,
+            device=device,
+            epochs=n_epochs,
+            batch_size=batch_size,
+            optimizer=opt,
+            optimizer_kwargs=opt_kwargs or {},
+            initial_lr=initial_lr,
+            final_lr=final_lr,
+            validation_split=validation_split,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            clip_gradient=clip_gradient,
+            verbose=verbose,
+        )
 
 
 @contextmanager
