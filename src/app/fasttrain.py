@@ -91,8 +91,9 @@ def _double_forward(model, batch, loss_functions, create_graph):
     score = "t_xz0" in batch or "t_xz1" in batch
     theta0 = batch["theta0"].detach().requires_grad_(score)
     theta1 = batch["theta1"].detach().requires_grad_(score)
+    # always with the gradient graph: the model takes two gradients of the same output, the second needs it
     s_hat, log_r_hat, t_hat0, t_hat1 = model(
-        theta0, theta1, batch["x"], track_score=score, return_grad_x=False, create_gradient_graph=create_graph
+        theta0, theta1, batch["x"], track_score=score, return_grad_x=False, create_gradient_graph=True
     )
     args = (s_hat, log_r_hat, t_hat0, t_hat1, batch["y"], batch.get("r_xz"), batch.get("t_xz0"), batch.get("t_xz1"))
     return [f(*args) for f in loss_functions]
