@@ -192,9 +192,9 @@ def test_local_run_alices_and_sally(tmp_path, cache_dir):
     evaluated = {r.data.tags["training"]: r for r in children if r.info.run_name.startswith("evaluate-")}
     for method, row in rows.items():  # the CSV holds each method's own evaluation
         metrics = evaluated[method].data.metrics
-        for key in ("val_loss", "limits_histo_cl68_fraction", "fisher_histo_det"):
+        for key in ("val_loss", "limits_histo_cl68_fraction", "limits_cl68_area", "fisher_rate_eigenvalue"):
             assert float(row[key]) == pytest.approx(metrics[key], rel=1e-9)
-    assert rows["sally"]["fisher_full_det"] and not rows["alices"]["fisher_full_det"]
+    assert rows["sally"]["fisher_full_gain_over_histo"] and not rows["alices"]["fisher_full_gain_over_histo"]
     assert rows["alices"]["limits_ml_cl68_fraction"] and rows["sally"]["limits_sally_cl68_fraction"]
 
     png = out / "limits_by_method.png"
@@ -210,7 +210,8 @@ def test_failing_step_fails_its_run_and_the_parent(tmp_path, cache_dir):
     proc = _workflow(tmp_path, cache_dir, "--methods", "alices", "training.model_dir=/nonexistent/model", *TINY)
     assert proc.returncode == 1, proc.out[-6000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: step training (alices) failed: no trained model in /nonexistent/model"), last
+    assert last.startswith("error: step training (alices) failed: training.model_dir=/nonexistent/model cannot be "
+                           "trusted"), last
 
     _, parent, children, _ = _runs(tmp_path)
     assert parent.info.status == "FAILED"

@@ -131,6 +131,9 @@ class SamplingConfig:
 
 
 # --------------------------------------------------------------------------- training
+TRAINERS = ("fast", "madminer")  # training.trainer: app.fasttrain's loop, or MadMiner's own Trainer
+
+
 @dataclass
 class TrainingConfig:
     method: str = MISSING
@@ -153,6 +156,7 @@ class TrainingConfig:
     clip_gradient: float | None = None
     n_workers: int = 0
     device: Device = Device.auto
+    trainer: str = "fast"  # fast | madminer (see TRAINERS)
     # density estimators (nde, scandal): MADE / MAF settings
     n_mades: int = 3
     n_components: int = 1

@@ -2,8 +2,9 @@
 
 madminer 0.9.6's ``load_estimator`` cannot restore morphing-aware estimators (their settings say
 ``parameterized_ratio``), and its AsymptoticLimits ``ml`` mode only evaluates single-parameterized
-ratio and likelihood estimators. :func:`load` restores every estimator this project trains from
-``model.json``; :class:`Limits` adds the double-parameterized case to AsymptoticLimits.
+ratio and likelihood estimators, one grid point at a time. :func:`load` restores every estimator this
+project trains from ``model.json``; :func:`limits_class` gives AsymptoticLimits a batched ``ml`` mode
+that also evaluates double-parameterized estimators.
 """
 
 from __future__ import annotations
@@ -101,30 +102,56 @@ def madminer_loads_from(model_dir: Path):
 
 
 def limits_class():
-    """AsymptoticLimits that also evaluates double-parameterized ratio estimators in ``ml`` mode."""
+    """AsymptoticLimits whose ``ml`` mode evaluates the estimator in large batches.
+
+    MadMiner's ``_calculate_log_likelihood_ratio_kinematics`` calls the estimator once per grid point (and
+    does not evaluate double-parameterized ratio estimators). This one evaluates every (grid point, event)
+    pair through the trained torch model in large batches (``model_log_r_grid`` /
+    ``model_log_likelihood_grid`` of the evaluate stage) and returns what MadMiner's returns: log r(x | theta,
+    reference) for ratio estimators, MadMiner's log p(x | theta) (of the scaled inputs) for likelihood
+    estimators, the mean over the members of an Ensemble. tests/test_limits_batched.py compares the p-values.
+    """
     from madminer.limits import AsymptoticLimits
-    from madminer.ml import DoubleParameterizedRatioEstimator, Ensemble
+    from madminer.ml import DoubleParameterizedRatioEstimator as Double
+    from madminer.ml import Ensemble, LikelihoodEstimator, ParameterizedRatioEstimator
+
+    def kind(model):
+        members = model.estimators if isinstance(model, Ensemble) else [model]
+        if all(isinstance(m, (ParameterizedRatioEstimator, Double)) for m in members):
+            return "ratio"
+        if all(isinstance(m, LikelihoodEstimator) for m in members):
+            return "likelihood"
+        return None
 
     class Limits(AsymptoticLimits):
         def _calculate_log_likelihood_ratio_kinematics(self, x_observed, theta_grid, model, theta1=None):
-            double = isinstance(model, DoubleParameterizedRatioEstimator) or (
-                isinstance(model, Ensemble) and model.estimator_type == "double_parameterized_ratio"
-            )
-            if not double:
-                return super()._calculate_log_likelihood_ratio_kinematics(
-                    x_observed, theta_grid, model, theta1
-                )
             import numpy as np
 
-            # log r(x | theta, theta_ref) for a fixed reference: differences over the grid do not depend on it.
-            reference = (
-                np.zeros_like(theta_grid) if theta1 is None else np.broadcast_to(theta1, theta_grid.shape)
-            )
-            kwargs = dict(
-                x=x_observed, theta0=theta_grid, theta1=np.array(reference), test_all_combinations=True
-            )
-            if isinstance(model, Ensemble):
-                kwargs["calculate_covariance"] = False
-            return model.evaluate_log_likelihood_ratio(**kwargs)[0]
+            from app.stages.evaluate import model_log_likelihood_grid, model_log_r_grid
+
+            what = kind(model)
+            if what is None:
+                return super()._calculate_log_likelihood_ratio_kinematics(x_observed, theta_grid, model, theta1)
+            theta_grid = np.asarray(theta_grid, dtype=np.float64)
+            if what == "ratio":
+                # double-parameterized: log r(x | theta, reference) for a fixed reference (MadMiner passes
+                # theta_true); differences over the grid, all that the limits use, do not depend on it.
+                reference = np.zeros(theta_grid.shape[1]) if theta1 is None else np.asarray(theta1, np.float64)
+                return model_log_r_grid(model, x_observed, theta_grid, reference)
+            members = model.estimators if isinstance(model, Ensemble) else [model]
+            return np.mean([model_log_likelihood_grid(m, x_observed, theta_grid) + _log_jacobian(m) for m in members],
+                           axis=0)  # fmt: skip
 
     return Limits
+
+
+def _log_jacobian(estimator) -> float:
+    """sum(log std) of the input scaling: MadMiner's flow log likelihood is that of the scaled inputs."""
+    import numpy as np
+
+    if estimator.x_scaling_stds is None:
+        return 0.0
+    stds = np.asarray(estimator.x_scaling_stds, dtype=np.float64)
+    if estimator.features is not None:
+        stds = stds[estimator.features]
+    return float(np.sum(np.log(stds)))

@@ -197,5 +197,31 @@ def _end_tracking(status: str, error: BaseException | None) -> None:
         sys.modules["app.callbacks"].end_active_run(status, error)
 
 
+def _list_groups_cheaply() -> None:
+    """``--help``: let Hydra's group listing share one copy of the config repository.
+
+    Hydra 1.3 lists config groups (for ``$APP_CONFIG_GROUPS`` and ``$HYDRA_CONFIG_GROUPS``, both computed
+    for every help text) through ``get_group_options``, which deep-copies the whole repository, registered
+    schemas and Hydra's own structured configs included, once per call: about 100 copies, most of the
+    ``--help`` time. With the same config name and overrides every copy is the same, so one is reused.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    original = getattr(ConfigLoaderImpl, "_parse_overrides_and_create_caching_repo", None)
+    if original is None:  # another Hydra version: keep its own listing
+        return
+    repos: dict = {}
+
+    def shared(self, config_name, overrides):
+        key = (id(self), config_name, tuple(overrides))
+        if key not in repos:
+            repos[key] = original(self, config_name, overrides)
+        return repos[key]
+
+    ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared
+
+
 def main() -> None:
+    if any(flag in sys.argv[1:] for flag in ("--help", "-h", "--hydra-help")):
+        _list_groups_cheaply()
     task()

@@ -10,6 +10,7 @@ import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from app.config import TRAINERS
 from app.datafile import FileInfo
 from app.errors import UserError
 from app.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
@@ -49,6 +50,11 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
     if cfg.training.n_workers < 0:
         raise UserError("training.n_workers must be >= 0 (0 = load batches in the main process)")
     _check_nuisance(cfg, info)
+    if cfg.training.trainer not in TRAINERS:
+        raise UserError(
+            f"training.trainer={cfg.training.trainer} is unknown; use {' or '.join(TRAINERS)} "
+            "(fast: the app's training loop, madminer: MadMiner's own Trainer)"
+        )
 
     for key in ("theta0", "theta1") if kind == "ratio" else ("theta",):
         if cfg.sampling[key] is None:

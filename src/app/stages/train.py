@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from app import device, estimators
+from app import device, estimators, fasttrain
 from app.datafile import FileInfo
 from app.errors import UserError
 from app.io import atomic_dir, read_json, write_json
@@ -128,12 +128,12 @@ def run(
                 from madminer.ml import Ensemble
 
                 ensemble = Ensemble([estimators.build(t, info.path) for _ in range(t.n_estimators)])
-                ensemble.train_all(**kwargs)
+                fasttrain.fit(ensemble, t.trainer, t.device, **kwargs)
                 ensemble.save(str(tmp / "ensemble"))
                 model_name = "ensemble"
             else:
                 estimator = estimators.build(t, info.path)
-                estimator.train(**kwargs)
+                fasttrain.fit(estimator, t.trainer, t.device, **kwargs)
                 estimator.save(str(tmp / MODEL_NAME))
                 model_name = MODEL_NAME
         _check_finished(history, t.n_estimators, t.n_epochs)

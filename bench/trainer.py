@@ -1,0 +1,171 @@
+"""The fast training path vs MadMiner's Trainer, side by side in one process.
+
+Trains the same ALICES estimator (50x50 tanh network, MadMiner's defaults otherwise, n_workers=0)
+on the same toy samples with both trainers and prints training samples/s and their ratio: on CPU at
+batch 128 and 1024, and on CUDA (when torch sees it) at 1024, 8192 and 65536 with the samples tiled
+to --gpu-samples. Each figure is the median of --repeat runs, the two trainers alternating, per wall
+second and per CPU second of the process (the steadier figure on a shared machine).
+
+    python bench/trainer.py [--samples 20000] [--epochs 3] [--threads 1] [--repeat 3]
+    python bench/trainer.py --agreement 10     # final validation losses of both trainers over seeds
+
+--agreement N trains alices, sally and nde with both trainers for seeds 0..N-1 (the data of
+tests/test_fasttrain.py) and prints, per method, the largest |fast - madminer| of the best validation
+loss next to the seed-to-seed spread: the tolerance of the test comes from these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def ratio_samples(path, n, seed=1):
+    import numpy as np
+    from madminer import sampling
+    from madminer.sampling import SampleAugmenter
+
+    np.random.seed(seed)
+    x, theta0, _, y, r_xz, t_xz, _ = SampleAugmenter(str(path)).sample_train_ratio(
+        theta0=sampling.random_morphing_points(20, [("flat", -10, 10), ("flat", -10, 10)]),
+        theta1=sampling.benchmark("sm"),
+        n_samples=n,
+    )
+    return dict(x=x, y=y, theta=theta0, r_xz=r_xz, t_xz=t_xz)
+
+
+@contextlib.contextmanager
+def cuda_hidden(hide: bool):
+    """MadMiner's Trainer uses CUDA whenever torch sees it: hide it for the CPU rows."""
+    import torch
+
+    original = torch.cuda.is_available
+    if hide:
+        torch.cuda.is_available = lambda: False
+    try:
+        yield
+    finally:
+        torch.cuda.is_available = original
+
+
+def time_one(trainer, data, device, batch_size, epochs, seed=0):
+    """(training samples per wall second, per CPU second of this process)."""
+    import numpy as np
+    import torch
+    from madminer.ml import ParameterizedRatioEstimator
+
+    from app import fasttrain
+
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    estimator = ParameterizedRatioEstimator(n_hidden=(50, 50))
+    kwargs = dict(method="alices", n_epochs=epochs, batch_size=batch_size, n_workers=0, verbose="none", **data)
+    with cuda_hidden(device == "cpu"):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, cpu = time.perf_counter(), time.process_time()
+        fasttrain.fit(estimator, trainer, device, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    n_samples = (len(data["x"]) - int(0.25 * len(data["x"]))) * epochs
+    return n_samples / seconds, n_samples / cpu_seconds
+
+
+def throughput(args, data, device, batches, epochs):
+    rows = []
+    for batch_size in batches:
+        rates = {"madminer": [], "fast": []}
+        for _ in range(args.repeat):
+            for trainer in rates:
+                rates[trainer].append(time_one(trainer, data, device, batch_size, epochs))
+        for i, per in enumerate(("wall s", "CPU s")):
+            mm = statistics.median(r[i] for r in rates["madminer"])
+            fast = statistics.median(r[i] for r in rates["fast"])
+            rows.append((device, batch_size, per, mm, fast))
+            print(f"{device:<5} batch {batch_size:>6d}  per {per:<6}  madminer {mm:>12,.0f}/s  fast {fast:>12,.0f}/s  "
+                  f"{fast / mm:6.1f}x", flush=True)  # fmt: skip
+    return rows
+
+
+def agreement(args, path):
+    import numpy as np
+    import torch
+
+    from app import fasttrain
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_fasttrain import SETTINGS, samples  # the data and settings the test uses
+
+    for method in ("alices", "sally", "nde"):
+        losses = {"madminer": [], "fast": []}
+        data = samples(path, method)
+        for seed in range(args.agreement):
+            for trainer in losses:
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+                estimator = SETTINGS[method]["estimator"]()
+                _, val = fasttrain.fit(estimator, trainer, "cpu", **SETTINGS[method]["train"], **data)
+                losses[trainer].append(float(np.min(val.astype(float))))
+        mm, fast = np.array(losses["madminer"]), np.array(losses["fast"])
+        diff = np.abs(fast - mm)
+        worst = 100 * np.max(diff / np.abs(mm))
+        print(f"{method:<7} madminer {mm.mean():.4f} ± {mm.std():.4f} (seeds)   "
+              f"fast {fast.mean():.4f} ± {fast.std():.4f}   "
+              f"|fast - madminer| max {diff.max():.4f} ({worst:.2f} %), mean {diff.mean():.4f}",
+              flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cpu-batches", type=int, nargs="*", default=[128, 1024])
+    parser.add_argument("--gpu-batches", type=int, nargs="*", default=[1024, 8192, 65536])
+    parser.add_argument("--gpu-samples", type=int, default=1_000_000)
+    parser.add_argument("--gpu-epochs", type=int, default=2)
+    parser.add_argument("--agreement", type=int, default=0, metavar="N_SEEDS")
+    args = parser.parse_args()
+    logging.getLogger("madminer").setLevel(logging.ERROR)
+
+    import numpy as np
+    import torch
+
+    from app import toy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.optim.Adam(torch.nn.Linear(1, 1).parameters())  # first optimizer imports torch._dynamo (seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = toy.ensure_toy_file(toy.ToySettings(n_events=20000), tmp)
+        if args.agreement:
+            agreement(args, path)
+            return
+        data = ratio_samples(path, args.samples)
+        print(f"ALICES, 50x50 tanh, {len(data['x'])} samples (75 % trained), {args.epochs} epochs, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)  # fmt: skip
+        time_one("madminer", data, "cpu", 128, 1)  # warm-up
+        time_one("fast", data, "cpu", 128, 1)
+        throughput(args, data, "cpu", args.cpu_batches, args.epochs)
+        if not torch.cuda.is_available():
+            print("cuda  not available: no GPU rows")
+            return
+        print(f"GPU: {torch.cuda.get_device_name(0)}; samples tiled to {args.gpu_samples}", flush=True)
+        reps = -(-args.gpu_samples // len(data["x"]))
+        big = {k: np.tile(v, (reps,) + (1,) * (v.ndim - 1))[: args.gpu_samples] for k, v in data.items()}
+        time_one("fast", big, "cuda", 65536, 1)  # warm-up (CUDA context, kernels)
+        time_one("madminer", data, "cuda", 1024, 1)
+        throughput(args, big, "cuda", args.gpu_batches, args.gpu_epochs)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    main()
