@@ -297,3 +297,27 @@ def test_two_sweep_processes_share_one_study_and_one_mlflow_server(tmp_path, tes
     assert sorted(len([r for r in children if r.data.tags["mlflow.parentRunId"] == p.info.run_id]) for p in parents) \
         == [4, 4]
     assert {p.data.tags["optuna.storage"] for p in parents} == {storage.replace("postgres@", "***@")}
+
+
+def test_madminer_trainer_gets_scaled_validation_thetas(tmp_path):
+    """MadMiner 0.9.6's Trainer rescales theta but not theta_val: the train stage scales them as MadMiner does."""
+    from madminer.ml import DoubleParameterizedRatioEstimator, ParameterizedRatioEstimator
+
+    from app.stages.train import _prescaled_validation_thetas
+
+    rng = np.random.default_rng(1)
+    files = {}
+    for name, loc in (("theta", 3.0), ("theta_val", 3.0), ("theta0", -2.0), ("theta1", 5.0), ("theta0_val", 0.0)):
+        files[name] = tmp_path / f"{name}.npy"
+        np.save(files[name], rng.normal(loc, 2.0, size=(500, 2)))
+    scaled = _prescaled_validation_thetas({k: str(v) for k, v in files.items() if k in ("theta", "theta_val")},
+                                          "parameterized")
+    reference = ParameterizedRatioEstimator()
+    reference.initialize_parameter_transform(np.load(files["theta"]))
+    np.testing.assert_allclose(scaled["theta_val"], reference._transform_parameters(np.load(files["theta_val"])))
+    double = {k: str(files[k]) for k in ("theta0", "theta1", "theta0_val")}
+    scaled = _prescaled_validation_thetas(double, "double_parameterized")
+    reference = DoubleParameterizedRatioEstimator()
+    reference.initialize_parameter_transform(np.concatenate([np.load(files["theta0"]), np.load(files["theta1"])]))
+    np.testing.assert_allclose(scaled["theta0_val"], reference._transform_parameters(np.load(files["theta0_val"])))
+    assert _prescaled_validation_thetas({k: str(v) for k, v in files.items()}, "morphing_aware") == {}

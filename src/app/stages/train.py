@@ -120,6 +120,8 @@ def run(
     )
     if method.family != "score":
         kwargs["alpha"] = t.alpha
+    if t.trainer == "madminer" and validation and not in_sample:
+        kwargs.update(_prescaled_validation_thetas(kwargs, estimator_kind))
 
     history: list[list[dict]] = []
     with atomic_dir(out_dir / "model") as tmp:
@@ -195,6 +197,24 @@ def _validation(cfg: DictConfig, method: Method, estimator: str, samples_dir: Pa
         )
         return {}
     return training_inputs(method, estimator, files, suffix="_val")
+
+
+def _prescaled_validation_thetas(kwargs: dict, estimator: str) -> dict:
+    """MadMiner 0.9.6's own Trainer rescales theta (mean and std of the training thetas) but not theta_val,
+    theta0_val, theta1_val: its validation loss would see unscaled parameters. Give it the validation thetas
+    already scaled exactly as it scales the training ones (morphing-aware estimators do not scale parameters).
+    The fast trainer (training.trainer=fast) scales them itself."""
+    import numpy as np
+
+    keys = [k for k in ("theta_val", "theta0_val", "theta1_val") if k in kwargs]
+    if not keys or estimator in ("morphing_aware", "quadratic_morphing_aware"):
+        return {}
+    if estimator == "double_parameterized":
+        reference = np.concatenate([np.load(kwargs["theta0"]), np.load(kwargs["theta1"])])
+    else:
+        reference = np.load(kwargs["theta"])
+    mean, std = np.mean(reference, axis=0), np.maximum(np.std(reference, axis=0), 1.0e-6)
+    return {k: (np.load(kwargs[k]) - mean[np.newaxis, :]) / std[np.newaxis, :] for k in keys}
 
 
 class TrainingFailed(UserError):
