@@ -216,7 +216,7 @@ def test_failing_step_fails_its_run_and_the_parent(tmp_path, cache_dir):
     _, parent, children, _ = _runs(tmp_path)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failed_step"] == "training (alices)"
-    assert "no trained model" in parent.data.tags["error"]
+    assert "training.model_dir=/nonexistent/model cannot be trusted" in parent.data.tags["error"]
     status = {r.info.run_name: r.info.status for r in children}
     assert status == {"sample-alices": "FINISHED", "train-alices": "FAILED"}
     assert not (tmp_path / "wf" / "evaluating_0").exists()
