@@ -484,8 +484,9 @@ def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(
         m = truth_log_r_metrics(untrained, truth, x, grid, np.zeros(2), points)
         assert m["truth_log_r_mse"] > ALICES_LOG_R_MSE_MAX, (seed, m)
         assert m["truth_log_r_corr"] < ALICES_LOG_R_CORR_MIN, (seed, m)
-        for name in ("sm", "w", "morphing_basis_vector_2"):
-            assert metrics[f"truth_log_r_mse_at_{name}"] < m[f"truth_log_r_mse_at_{name}"], (seed, name)
+        # (not at sm = theta_ref, where the true log r is 0 and a fresh network's small outputs are close to it)
+        for name in ("w", "morphing_basis_vector_2"):
+            assert metrics[f"truth_log_r_mse_at_{name}"] < m[f"truth_log_r_mse_at_{name}"], (seed, name, m)
 
 
 def test_default_sally_run_reaches_the_score_and_limit_bounds(run_app, tmp_path):
