@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -117,23 +116,9 @@ def test_secrets_in_overrides_reach_no_param_tag_artifact_log_or_database(tmp_pa
 
 
 @pytest.fixture
-def postgres_dbs():
+def postgres_dbs(postgres_db):
     """Two fresh PostgreSQL databases (MLflow's and Optuna's) on 127.0.0.1:5432; dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as err:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {err}")
-    admin.autocommit = True
-    names = [f"secrets_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("mlflow", "optuna")]
-    for name in names:
-        admin.cursor().execute(f"CREATE DATABASE {name}")
-    try:
-        yield names
-    finally:
-        for name in names:
-            admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    return [postgres_db(f"secrets_{kind}").rsplit("/", 1)[1] for kind in ("mlflow", "optuna")]
 
 
 def _database_text(name: str) -> str:
