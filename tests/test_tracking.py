@@ -62,6 +62,8 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
         assert key in metrics, key
     history = c.get_metric_history(run.info.run_id, "epoch_val_loss")
     assert [m.step for m in history] == [1, 2]
+    for term in ("epoch_val_improved_xe", "epoch_val_mse_score", "epoch_train_improved_xe"):  # every loss term
+        assert [m.step for m in c.get_metric_history(run.info.run_id, term)] == [1, 2], term
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"hydra", "results", "plots", "model"} <= artifacts
     assert {a.path for a in c.list_artifacts(run.info.run_id, "hydra")} == {

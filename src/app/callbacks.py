@@ -335,10 +335,10 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     tracking.set_tags(c, run_id, {f"objective.{k}": v for k, v in objective.items()})
     metrics = _read(out / "results" / "metrics.json") or {}
     triples = []
-    for entry in metrics.get("loss_history", []):
-        for key in ("train_loss", "val_loss"):
-            if key in entry:
-                triples.append((f"epoch_{key}", entry[key], entry["epoch"]))
+    for entry in metrics.get("loss_history", []):  # the totals and every loss term, per epoch
+        for key, value in entry.items():
+            if key.startswith(("train_", "val_")) and isinstance(value, (int, float)):
+                triples.append((f"epoch_{key}", value, entry["epoch"]))
     triples += [(k, v, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     value = getattr(job_return, "_return_value", None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
