@@ -199,8 +199,6 @@ class _Stages:
 
     def produce(self, stage: str, build) -> Path:
         """The stage's folder in the run dir: given, reused from the cache, or computed (and cached)."""
-        import shutil
-
         from app import cache, provenance
         from app.io import atomic_dir
 
@@ -216,7 +214,7 @@ class _Stages:
             return target
         entry, reused = self.cache.get_or_create(stage, key, build, meta)
         with atomic_dir(target) as tmp:  # the run dir holds its own verified copy
-            shutil.copytree(entry.path / name, tmp, dirs_exist_ok=True)
+            _copy_files(entry.path / name, tmp)
             cache.write_manifest(tmp, entry.meta)
         source = entry.meta.get("produced_by") or {}
         self.record[stage] = {"key": key, "status": "reused" if reused else "computed",
@@ -225,6 +223,22 @@ class _Stages:
             log.info("stage %-8s reused from the cache (key %s, made by %s)", stage, key[:12],
                      source.get("output_dir", "?"))
         return target
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    """Copy a folder's files one by one (shutil.copytree folds a full disk into one shutil.Error without errno;
+    here the OSError with its errno and file name reaches the one-line report of app.main)."""
+    import os
+    import shutil
+
+    for folder, _, files in os.walk(source):
+        out = target / Path(folder).relative_to(source)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                shutil.copy2(Path(folder) / name, out / name)
+            except OSError as err:  # name the file that could not be written, not the one read
+                raise OSError(err.errno, err.strerror, str(out / name)) from err
 
 
 def _objective(name: str, metrics: dict) -> float | None:

@@ -106,8 +106,17 @@ def test_a_model_file_holding_code_executes_nothing(run_app, tmp_path):
     state = model_dir / "estimator_state_dict.pt"
     assert state.exists()
     torch.save({"weights": Payload()}, state)
+    # the model folder's manifest no longer matches: refused before anything is loaded
     proc = run_app(*TINY, "stage=evaluate", f"training.model_dir={model_dir}", check=False,
                    run_dir=tmp_path / "evaluate")
+    assert not marker.exists() and proc.returncode == 2
+    assert "cannot be trusted: file changed: estimator_state_dict.pt" in proc.stderr, proc.stderr[-2000:]
+    # and one who rewrote the manifest too still gets nothing executed: torch.load(weights_only=True)
+    from app import cache
+
+    cache.write_manifest(model_dir, cache.read_provenance(model_dir))
+    proc = run_app(*TINY, "stage=evaluate", f"training.model_dir={model_dir}", check=False,
+                   run_dir=tmp_path / "evaluate2")
     assert not marker.exists()
     assert proc.returncode == 2 and "Traceback" not in proc.out, proc.out[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
