@@ -417,9 +417,16 @@ def _fit(
         order = torch.randperm(n, device=device)
         shuffled = {k: v[order] for k, v in train.items()}
         totals = []
+        diverged = False
         for start in range(0, n, batch_size):
             batch = {k: v[start : start + batch_size] for k, v in shuffled.items()}
-            contributions = forward(model, batch, loss_functions, True)
+            try:
+                contributions = forward(model, batch, loss_functions, True)
+            except RuntimeError as err:  # BCELoss refuses NaN outputs (MadMiner checks them before its losses)
+                if "between 0 and 1" not in str(err):
+                    raise
+                diverged = True
+                break
             loss = Trainer.sum_losses(contributions, loss_weights)
             for p in params:  # opt.zero_grad(set_to_none=True) without its per-call overhead
                 p.grad = None
@@ -428,6 +435,11 @@ def _fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_gradient)
             opt.step()
             totals.append(torch.stack([loss.detach()] + [c.detach() for c in contributions]))
+        if diverged:
+            log.info("Ending training during epoch %s because NaNs appeared", i_epoch + 1)
+            model.load_state_dict(before)
+            loss_val = None
+            break
         means = (torch.stack(totals).sum(0) / n_batches).tolist()  # the one sync of the epoch
         loss_val, contributions_val = None, None
         if val is not None and not math.isnan(means[0]):
