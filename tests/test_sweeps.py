@@ -63,22 +63,23 @@ def test_no_early_stopping_keeps_the_last_epoch(run_app, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_alices_objective_does_not_reward_small_alpha(run_app, tmp_path):
-    """val_loss = improved_xe + alpha * mse_score always ranks the smallest alpha first; the default objective
-    (val_improved_xe on validation-partition samples) does not. Measured over seeds 1-3 with these settings:
-    the objective at alpha=0.01 was never the lowest of {0.01, 1, 100} (docs/performance.md has the table)."""
+def test_default_alices_objective_does_not_scale_with_alpha(run_app, tmp_path):
+    """Today's objective val_loss = improved_xe + alpha * mse_score grows with alpha whatever the estimator (it
+    crowns the smallest alpha by construction); the default objective, val_improved_xe on validation-partition
+    samples, measures the estimator alone: between alpha = 0.01 and 100 it moves by a few per cent, not by orders.
+    (Measured with these settings: val_improved_xe 0.677-0.690 over the three alphas, val_loss 0.68 to ~30.)"""
     run_app("-m", "training.alpha=0.01,1,100", "sampling.n_samples=3000", "training.n_epochs=10",
-            "training.n_hidden=[32,32]", "evaluation.grid.resolutions=5", "evaluation.n_test_samples=100",
-            "data.n_events=8000", "stage=train", f"hydra.sweep.dir={tmp_path}/sw")
+            "training.n_hidden=[32,32]", "data.n_events=8000", "stage=train", f"hydra.sweep.dir={tmp_path}/sw")
     by_alpha = {}
     for job in sorted((tmp_path / "sw").glob("[0-9]*")):
-        metrics = _metrics(job)
         alpha = float(json.loads((job / "model" / "model.json").read_text())["training"]["alpha"])
-        by_alpha[alpha] = metrics
+        by_alpha[alpha] = _metrics(job)
     objective = {a: m["val_improved_xe"] for a, m in by_alpha.items()}
     total = {a: m["val_loss"] for a, m in by_alpha.items()}
-    assert min(total, key=total.get) == 0.01  # what today's val_loss would crown
-    assert min(objective, key=objective.get) != 0.01, objective
+    assert total[100.0] / total[0.01] > 10, total  # what today's val_loss optimises: mostly alpha
+    assert max(objective.values()) / min(objective.values()) < 1.1, objective
+    for a, m in by_alpha.items():  # the objective is the first term of the saved model's loss, not a rescaling
+        assert m["val_loss"] == pytest.approx(m["val_improved_xe"] + a * m["val_mse_score"], rel=1e-3)
 
 
 def test_objective_checks(run_app):
