@@ -166,7 +166,9 @@ class TrainingConfig:
 # --------------------------------------------------------------------------- evaluation
 @dataclass
 class GridConfig:
-    ranges: list[list[float]] | None = None  # null = half the parameter ranges stored in the file
+    # [[min, max], ...] one pair per parameter; null = half the parameter ranges stored in the file. Typed Any (and
+    # checked in app.validate) because OmegaConf refuses integers in a nested list[list[float]]: [[-1, 1], [-1, 1]]
+    ranges: Any = None
     resolutions: Any = 25  # int, or one int per parameter
 
 

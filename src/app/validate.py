@@ -74,9 +74,11 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
             f"evaluation.theta_true has {len(ev.theta_true)} values but {info.path.name} has {info.n_parameters} "
             f"parameters ({', '.join(info.parameters)}); give one value per parameter"
         )
-    if ev.grid.ranges is not None:
-        if len(ev.grid.ranges) != info.n_parameters or any(
-            len(r) != 2 or r[0] >= r[1] for r in ev.grid.ranges
+    ranges = _plain(ev.grid.ranges)
+    if ranges is not None:
+        pairs = ranges if isinstance(ranges, list) else []
+        if len(pairs) != info.n_parameters or any(
+            not isinstance(r, list) or len(r) != 2 or not all(_number(v) for v in r) or r[0] >= r[1] for r in pairs
         ):
             raise UserError(
                 f"evaluation.grid.ranges must be {info.n_parameters} pairs [min, max] with min < max "
@@ -237,6 +239,10 @@ def _fraction(key: str, value: float, allow_zero: bool) -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     if not (low_ok and value < 1):
         raise UserError(f"{key} must be in {'[0' if allow_zero else '(0'}, 1), got {value}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _plain(node):

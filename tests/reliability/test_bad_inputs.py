@@ -198,6 +198,8 @@ CASES = [
     Case("nan-in-list-option", ["evaluation.theta_true=[nan,0]"], ["evaluation.theta_true[0]=nan"]),
     Case("sally-with-ratio-sampling", ["training=sally", "sampling=ratio"], ["sampling=local", "sampling=ratio"]),
     Case("alices-with-local-sampling", ["training=alices", "sampling=local"], ["sampling=ratio"]),
+    Case("grid-ranges-not-numbers", ["evaluation.grid.ranges=[[-1,a],[-2,2]]"],
+         ["evaluation.grid.ranges must be 2 pairs [min, max]"]),
     Case("priors-wrong-count", ["sampling.theta0.priors=[[flat,-1,1],[flat,-1,1],[flat,-1,1]]"],
          ["sampling.theta0.priors", "2 parameters"]),
     Case("theta-wrong-length", ["sampling.theta0={type:morphing_point,values:[1,2,3]}"],
