@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small samples and networks (a smoke run)")
     parser.add_argument("--tracking", default="local", choices=["local", "disabled"])
+    parser.add_argument("overrides", nargs="*", help="more overrides for every job, e.g. training.n_epochs=100")
     args = parser.parse_args()
-    settings = [f"tracking={args.tracking}", "evaluation.grid.resolutions=15"]
+    settings = [f"tracking={args.tracking}", "evaluation.grid.resolutions=15", *args.overrides]
     if args.quick:
         settings += ["sampling.n_samples=1000", "training.n_epochs=3", "evaluation.n_test_samples=200"]
     with tempfile.TemporaryDirectory(prefix="bench-sweeps-") as tmp:
@@ -75,7 +76,8 @@ def main() -> None:
 
     work = sum(cold["stages"].get(s, 0.0) for s in ("sample", "train", "evaluate", "plot"))
     overhead = cold["wall"] - work
-    print(f"machine: {os.cpu_count()} cores; {args.trials} trials; tracking={args.tracking}")
+    print(f"machine: {os.cpu_count()} cores; {args.trials} trials; tracking={args.tracking}; "
+          f"overrides: {' '.join(args.overrides) or '-'}")
     print(f"cold serial sweep      wall {cold['wall']:7.1f} s; stage work {work:6.1f} s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in cold['stages'].items())})")
     print(f"  framework overhead   {overhead:7.1f} s = {100 * overhead / cold['wall']:.1f} % of the wall time "
