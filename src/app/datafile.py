@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,14 +133,6 @@ def _check_finite_events(f, path: Path, chunk: int = 200_000) -> None:
                 f"{path}: {bad} of {data.shape[0]} events have NaN or inf in {name}; fix or drop those events "
                 "(e.g. with h5py) or regenerate the file"
             )
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _names(raw) -> list[str]:
