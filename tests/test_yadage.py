@@ -229,9 +229,14 @@ def test_failing_step_fails_its_run_and_the_parent(tmp_path, cache_dir):
 def test_docker_run_alices_and_sally(tmp_path, cache_dir):
     image = os.environ.get("MADMINER_SWEEPER_IMAGE", "madminer-sweeper:latest")
     data = _toy_copy(cache_dir, tmp_path / WEIRD)  # staged into the workflow dir, which the containers see
+    secret = "Zq9-stays-in-the-environment"
     proc = _workflow(tmp_path, cache_dir, "--docker", "--image", image, "--data", str(data),
-                     "--methods", "alices,sally", *TINY_FILE, timeout=1800)
+                     "--methods", "alices,sally", *TINY_FILE, f"+vars.api_token={secret}",
+                     f"+vars.store=postgresql://alice:{secret}@db.example/events", timeout=1800)
     assert proc.returncode == 0, proc.out[-6000:]
+    # secrets reach the containers as environment variables (docker run -e NAME), never yadage's files or logs
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert secret not in proc.out
     _no_side_effects(tmp_path, Path.cwd())
     out = tmp_path / "wf" / "comparing"
     with open(out / "comparison.csv") as f:
@@ -245,3 +250,5 @@ def test_docker_run_alices_and_sally(tmp_path, cache_dir):
     parent = next(r for r in runs if r.data.tags.get("kind") == "workflow")
     assert parent.info.status == "FINISHED"
     assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 6
+    evaluated = next(r for r in runs if r.info.run_name == "evaluate-alices")
+    assert evaluated.data.params["vars.store"] == "postgresql://***@db.example/events"  # the value arrived

@@ -96,7 +96,7 @@ class MLflowCallback(Callback):
         c = tracking.client(uri)
         run = c.create_run(self.experiment_id, run_name=name,
                            tags={"sweep_dir": str(sweep_dir), "kind": "sweep", **tracking.process_tags()})
-        tracking.set_tags(c, run.info.run_id, {"overrides": " ".join(config.hydra.overrides.task)})
+        tracking.set_tags(c, run.info.run_id, {"overrides": _typed(config.hydra.overrides.task)})
         if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
             tracking.set_tags(c, run.info.run_id, {
@@ -270,6 +270,11 @@ def _run_name(config: DictConfig) -> str:
     return f"{method}-{time.strftime('%H%M%S')}"
 
 
+def _typed(task) -> str:
+    """The overrides as typed: OmegaConf would resolve a ``${oc.env:VAR}`` inside them on access."""
+    return " ".join(OmegaConf.to_container(task, resolve=False))
+
+
 def _job_tags(config: DictConfig, run_id: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -282,7 +287,7 @@ def _job_tags(config: DictConfig, run_id: str) -> dict:
     tags.update(
         {
             "mlflow.runName": _run_name(config),
-            "overrides": " ".join(hydra.overrides.task),
+            "overrides": _typed(hydra.overrides.task),
             "job.name": hydra.job.name,
             "job.num": OmegaConf.select(config, "hydra.job.num", default=None, throw_on_missing=False),
             "output_dir": hydra.runtime.output_dir,

@@ -23,7 +23,7 @@ SECRET_WORDS = r"password|passwd|secret|token|credential|api_?key"
 SECRET_KEY = re.compile(rf"{SECRET_WORDS}|(?:^|[_.\-])key$", re.IGNORECASE)
 _SECRET_PAIR = re.compile(  # key=value / key: value pairs inside free text (overrides, YAML dumps, log lines)
     rf"(?<![\w.\-])(?P<key>[\w.\-]*(?:{SECRET_WORDS})[\w.\-]*|(?:[\w.\-]*[_.\-])?key)"
-    r"(?P<sep>\s*[=:]\s*)[^\s,'\"\]]+",
+    r"(?P<sep>\s*[=:]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,'\"\]}]+)",  # a quoted value whole
     re.IGNORECASE,
 )
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ (or token@) in any URI

@@ -16,6 +16,13 @@ Parameters cross yadage's ``sh -c`` percent-encoded (:func:`encode`): every char
 ``[A-Za-z0-9/._,=+:@-]`` becomes ``%XX``, so no value is ever read by a shell; the steps decode them
 and pass them to ``python -m app`` as quoted Hydra values in an argument list.
 A failing step ends its MLflow run FAILED, and the parent run FAILED with the step's name.
+
+Secrets never enter yadage's inputs, state or step logs (:func:`protect_secrets`): an override whose
+key looks secret (token, password, ``*_key``, ...) or whose value holds ``user:password@``, and a
+tracking URI with credentials, travel to the steps in environment variables
+(``MADMINER_SWEEPER_SECRET_<n>``, passed into the containers with ``docker run -e NAME``); the steps
+see ``${oc.env:NAME}`` in their place, which is also all that Hydra records in ``.hydra/``. A value
+that is already ``${oc.env:VAR}`` passes through as that interpolation.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ NONE = "none"
 RESERVED = ("stage", "training", "hydra.run.dir", "hydra.sweep.dir", "sampling.samples_dir",
             "evaluation.results_dir", "paths.cache_dir")
 STAGES = {"sample": "sampling", "train": "training", "evaluate": "evaluating"}
+SECRET_ENV = "MADMINER_SWEEPER_SECRET_"
+# ${oc.env:NAME} (optionally with a default), or ${oc.decode:${oc.env:NAME}}: read from the environment
+ENV_REF = re.compile(r"^\$\{(?:oc\.env:(?P<a>[A-Za-z_]\w*)(?:,[^${}]*)?|oc\.decode:\$\{oc\.env:(?P<b>[A-Za-z_]\w*)\})\}$")
 
 
 # ---------------------------------------------------------------------------- parameters as data
@@ -65,7 +75,10 @@ def decode(value: str) -> str:
 
 
 def hydra_value(value: str) -> str:
-    """``value`` as a single-quoted Hydra override value that Hydra and OmegaConf read back unchanged."""
+    """``value`` as a single-quoted Hydra override value that Hydra and OmegaConf read back unchanged;
+    an environment reference (:data:`ENV_REF`) stays an interpolation."""
+    if ENV_REF.match(value):
+        return "'" + value + "'"
     value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # backslashes before a quote / at the end
     return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
 
@@ -94,6 +107,63 @@ def check_overrides(overrides: list[str]) -> None:
                 f"override {o} is set by the workflow itself for every step; choose methods with --methods "
                 "(METHODS=...) and leave stage, training, hydra.run.dir and the stage inputs to the workflow"
             )
+
+
+def env_name(value: str) -> str | None:
+    """The environment variable a value refers to (``${oc.env:NAME}``), or None."""
+    m = ENV_REF.match(value)
+    return (m.group("a") or m.group("b")) if m else None
+
+
+def expand(value: str) -> str:
+    """A value, or the environment variable's value when it is a reference (the runner's tracking URI)."""
+    name = env_name(value)
+    if name is None:
+        return value
+    if name not in os.environ:
+        raise UserError(f"{value} refers to the environment variable {name}, which is not set; export it first")
+    return os.environ[name]
+
+
+def protect_secrets(overrides: list[str], uri: str) -> tuple[list[str], str, list[str]]:
+    """Move secret override values and a tracking URI with credentials into environment variables.
+
+    Returns the overrides and URI with ``${oc.env:NAME}`` in place of each secret, and the names of every
+    environment variable the steps need (to pass into containers). Sets them in ``os.environ``, which
+    yadage's local steps inherit.
+    """
+    from app.tracking import SECRET_KEY, URI_CREDENTIALS, redact_text
+
+    names: list[str] = []
+    safe: list[str] = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        bare = _override_key(o)
+        if not sep or o.startswith("~"):
+            safe.append(o)
+            continue
+        if env_name(value):
+            names.append(env_name(value))
+            safe.append(o)
+            continue
+        if not (SECRET_KEY.search(bare) or URI_CREDENTIALS.search(value) or redact_text(value) != value):
+            safe.append(o)
+            continue
+        name = f"{SECRET_ENV}{len(names) + 1}"
+        if value[:1] in "{[":  # a dict or list: decoded back to one
+            os.environ[name], ref = value, f"${{oc.decode:${{oc.env:{name}}}}}"
+        else:
+            quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+            os.environ[name], ref = (value[1:-1] if quoted else value), f"${{oc.env:{name}}}"
+        names.append(name)
+        safe.append(f"{key}='{ref}'")
+    if uri != NONE and env_name(uri) is None and URI_CREDENTIALS.search(uri):
+        name = f"{SECRET_ENV}TRACKING_URI"
+        os.environ[name], uri = uri, f"${{oc.env:{name}}}"
+        names.append(name)
+    elif env_name(uri):
+        names.append(env_name(uri))
+    return safe, uri, list(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------- config, tracking
@@ -135,6 +205,7 @@ def default_tracking(overrides: list[str]) -> tuple[str, str]:
 def _client(uri: str):
     from app import tracking
 
+    uri = expand(uri)
     tracking.configure(uri)
     return tracking.client(uri)
 
@@ -168,7 +239,7 @@ def setup(args) -> None:
     if uri != NONE:
         from app import tracking as tr
 
-        experiment_id = tr.ensure_experiment(uri, experiment)
+        experiment_id = tr.ensure_experiment(expand(uri), experiment)
         c = _client(uri)
         parent = c.create_run(experiment_id, run_name=run_name,
                               tags={"kind": "workflow", "workflow_dir": str(workdir.parent)})
@@ -366,16 +437,18 @@ def run(args) -> int:
     uri, experiment = default_tracking(overrides)
     uri = args.tracking_uri or uri
     experiment = args.experiment or experiment
+    overrides, uri, env_names = protect_secrets(overrides, uri)
     run_name = args.run_name or f"workflow-{workdir.name}"
     workdir.mkdir(parents=True, exist_ok=True)
     server = None
     env_updates = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if args.docker:
         data = _stage_data(data, workdir)
-        if uri != NONE and not uri.startswith(("http://", "https://")):
+        if uri != NONE and not expand(uri).startswith(("http://", "https://")):
             server, uri = _serve_mlflow(workdir)
+        forward = "".join(f" -e {name}" for name in env_names)  # the value comes from docker's environment
         env_updates.update(PACKTIVITY_DOCKER_NOPULL="1",
-                           PACKTIVITY_DOCKER_CMD_MOD=os.environ.get("PACKTIVITY_DOCKER_CMD_MOD", "--network host"))
+                           PACKTIVITY_DOCKER_CMD_MOD=os.environ.get("PACKTIVITY_DOCKER_CMD_MOD", "--network host") + forward)
     initdata = {"data": encode(data), "methods": encode(args.methods), "overrides": [encode(o) for o in overrides],
                 "tracking_uri": encode(uri), "experiment": encode(experiment), "run_name": encode(run_name)}
     os.environ.update(env_updates)
@@ -406,8 +479,11 @@ def _report(workdir: Path, uri: str, run_name: str, failure: str | None, served:
     print(f"comparison: {workdir / 'comparing' / 'limits_by_method.png'}")
     print(f"metrics:    {workdir / 'comparing' / 'comparison.csv'}")
     if t:
-        ui = uri if not uri.startswith("http") else None
-        shown = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1" if ui else uri
+        from app.tracking import redact_text
+
+        shown_uri = redact_text(expand(uri))
+        ui = shown_uri if not shown_uri.startswith("http") else None
+        shown = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1" if ui else shown_uri
         if served:
             shown = f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'} --host 127.0.0.1"
         print(f"MLflow parent run {t['parent_run_id']} ({run_name}) in experiment {t['experiment']}: {shown}")

@@ -152,3 +152,59 @@ def test_credentials_in_tracking_and_optuna_uris_of_a_search(tmp_path, cache_dir
     texts.update(stdout=proc.stdout, stderr=proc.stderr, mlflow_database=_database_text(mlflow_db))
     # sweep dir (job logs, .mlflow_parent.json, results), ./mlruns artifacts, MLflow's database
     assert not _leaks([tmp_path], texts)
+
+
+# ---------------------------------------------------------------------------- the Yadage workflow
+def test_workflow_moves_secrets_into_the_environment(monkeypatch):
+    from app import workflow
+
+    for name in [n for n in os.environ if n.startswith(workflow.SECRET_ENV)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MY_TOKEN", "x")
+    overrides = [f"+vars.api_token={SECRET}1", f"+vars.nested={{token: {SECRET}6}}", "training.alpha=2",
+                 f"+vars.store='postgresql://alice:{SECRET}5@db/x'", "+vars.env_token=${oc.env:MY_TOKEN}",
+                 "~evaluation.theta_true"]
+    uri = f"postgresql://bob:{SECRET}7@127.0.0.1/x"
+    safe, safe_uri, names = workflow.protect_secrets(overrides, uri)
+    assert SECRET not in repr(safe) + safe_uri
+    assert safe == ["+vars.api_token='${oc.env:MADMINER_SWEEPER_SECRET_1}'",
+                    "+vars.nested='${oc.decode:${oc.env:MADMINER_SWEEPER_SECRET_2}}'", "training.alpha=2",
+                    "+vars.store='${oc.env:MADMINER_SWEEPER_SECRET_3}'", "+vars.env_token=${oc.env:MY_TOKEN}",
+                    "~evaluation.theta_true"]
+    assert safe_uri == "${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}" and workflow.expand(safe_uri) == uri
+    assert names == ["MADMINER_SWEEPER_SECRET_1", "MADMINER_SWEEPER_SECRET_2", "MADMINER_SWEEPER_SECRET_3",
+                     "MY_TOKEN", "MADMINER_SWEEPER_SECRET_TRACKING_URI"]
+    assert os.environ["MADMINER_SWEEPER_SECRET_3"] == f"postgresql://alice:{SECRET}5@db/x"  # Hydra's quotes off
+    # a reference stays an interpolation through the steps' quoting; anything else is escaped
+    assert workflow.hydra_value("${oc.env:MY_TOKEN}") == "'${oc.env:MY_TOKEN}'"
+    assert workflow.hydra_value("${oc.env:A}${x}") == "'\\${oc.env:A}\\${x}'"
+    with pytest.raises(workflow.UserError, match="NOT_SET_ANYWHERE, which is not set"):
+        workflow.expand("${oc.env:NOT_SET_ANYWHERE}")
+
+
+@pytest.mark.slow
+def test_secrets_stay_out_of_the_yadage_workflow(tmp_path, cache_dir, postgres_db):
+    """Secret overrides and a tracking URI with a password, through the whole workflow in local processes:
+    nothing yadage keeps (inputs, state, step logs), no step's files (Hydra's records included), no MLflow
+    param, tag or database row holds them."""
+    from conftest import REPO
+
+    db = postgres_db("secrets_workflow").rsplit("/", 1)[1]
+    uri = f"postgresql://postgres:{SECRET}7@127.0.0.1:5432/{db}"
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), SWEEPER_TEST_TOKEN=ENV_SECRET,
+               PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                                              os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "app.workflow", "run", "--workdir", str(tmp_path / "wf"), "--tracking-uri", uri,
+           "--methods", "alices", *TINY, "evaluation.fisher.enabled=false", *_secret_overrides()]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    texts, runs = _mlflow_texts(uri)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4  # the parent, sample, train, evaluate
+    evaluated = [r for r in runs if r.info.run_name == "evaluate-alices"][0].data.params
+    # the values did reach the steps (the redacted URI keeps its host; the dict was decoded back to one)
+    assert evaluated["vars.store"] == "postgresql://***@db.example/events" and evaluated["vars.nested.token"] == "***"
+    assert (tmp_path / "wf" / "_yadage").is_dir() and list((tmp_path / "wf").rglob("*.log"))
+    texts.update(stdout=proc.stdout, stderr=proc.stderr, mlflow_database=_database_text(db))
+    leaks = _leaks([tmp_path], texts) + [str(p) for p in _hydra_records(tmp_path / "wf")
+                                         if SECRET.encode() in p.read_bytes() or ENV_SECRET.encode() in p.read_bytes()]
+    assert not leaks, [(k, [s[max(0, s.find("Zq") - 300):s.find("Zq") + 50] for s in [v]]) for k, v in texts.items() if k in leaks][:2]
