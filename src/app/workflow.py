@@ -75,10 +75,7 @@ def decode(value: str) -> str:
 
 
 def hydra_value(value: str) -> str:
-    """``value`` as a single-quoted Hydra override value that Hydra and OmegaConf read back unchanged;
-    an environment reference (:data:`ENV_REF`) stays an interpolation."""
-    if ENV_REF.match(value):
-        return "'" + value + "'"
+    """``value`` as a single-quoted Hydra override value that Hydra and OmegaConf read back unchanged."""
     value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # backslashes before a quote / at the end
     return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
 
@@ -312,7 +309,8 @@ def _tracking_args(spec: dict) -> list[str]:
     t = spec["tracking"]
     if t is None:
         return ["tracking=disabled"]
-    return [f"tracking.uri={hydra_value(t['uri'])}", f"tracking.experiment_name={hydra_value(t['experiment'])}"]
+    uri = f"'{t['uri']}'" if env_name(t["uri"]) else hydra_value(t["uri"])  # credentials stay in the environment
+    return [f"tracking.uri={uri}", f"tracking.experiment_name={hydra_value(t['experiment'])}"]
 
 
 def _run(argv: list[str], env: dict) -> tuple[int, str | None]:

@@ -175,9 +175,10 @@ def test_workflow_moves_secrets_into_the_environment(monkeypatch):
     assert names == ["MADMINER_SWEEPER_SECRET_1", "MADMINER_SWEEPER_SECRET_2", "MADMINER_SWEEPER_SECRET_3",
                      "MY_TOKEN", "MADMINER_SWEEPER_SECRET_TRACKING_URI"]
     assert os.environ["MADMINER_SWEEPER_SECRET_3"] == f"postgresql://alice:{SECRET}5@db/x"  # Hydra's quotes off
-    # a reference stays an interpolation through the steps' quoting; anything else is escaped
-    assert workflow.hydra_value("${oc.env:MY_TOKEN}") == "'${oc.env:MY_TOKEN}'"
-    assert workflow.hydra_value("${oc.env:A}${x}") == "'\\${oc.env:A}\\${x}'"
+    # the steps get the tracking URI as the reference; a path or name that looks like one stays a literal
+    spec = {"tracking": {"uri": safe_uri, "experiment": "${oc.env:HOME}"}}
+    assert workflow._tracking_args(spec) == ["tracking.uri='${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}'",
+                                             "tracking.experiment_name='\\${oc.env:HOME}'"]
     with pytest.raises(workflow.UserError, match="NOT_SET_ANYWHERE, which is not set"):
         workflow.expand("${oc.env:NOT_SET_ANYWHERE}")
 
