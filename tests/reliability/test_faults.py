@@ -104,13 +104,16 @@ def test_ctrl_c_in_an_optuna_search_then_the_study_resumes(tmp_path, test_cache)
     statuses = {r.data.tags.get("mlflow.runName"): r.info.status for r in runs}
     assert "RUNNING" not in statuses.values(), statuses
     assert "KILLED" in statuses.values(), statuses
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/multirun/optuna.db"
+    states = [t.state.name for t in optuna.load_study(study_name="alices-optuna", storage=storage).trials]
+    assert "RUNNING" not in states and "FAIL" in states, states  # the interrupted trial is not left RUNNING
 
     again = subprocess.run([*args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/second"], cwd=tmp_path,
                            env=_env(test_cache),
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    import optuna
-
-    study = optuna.load_study(study_name="alices-optuna", storage=f"sqlite:///{tmp_path}/multirun/optuna.db")
+    study = optuna.load_study(study_name="alices-optuna", storage=storage)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 2  # the first trial of the interrupted invocation and the resumed one

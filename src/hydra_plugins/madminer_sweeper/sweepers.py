@@ -4,6 +4,7 @@ Hydra only instantiates sweepers that live in the ``hydra_plugins`` namespace; t
 (imported when a sweep starts, so Hydra's plugin scan stays cheap).
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,46 @@ class TolerantOptunaSweeper(Sweeper):
 
         prepare_storage(self.storage)
         try:
-            self._inner.sweep(arguments)
+            with _trials_asked() as asked:
+                try:
+                    self._inner.sweep(arguments)
+                except KeyboardInterrupt:
+                    _fail_running(asked)  # Ctrl-C: no trial of this invocation stays RUNNING in the storage
+                    raise
         except BudgetExceeded:
             pass
         except ValueError as err:  # study.best_trial when no trial completed: the report says why
             if "No trials are completed" not in str(err) and "Record does not exist" not in str(err):
                 raise
+
+
+@contextlib.contextmanager
+def _trials_asked():
+    """Record the trials this process asks for (the sweeper's loop keeps them to itself)."""
+    from optuna.study import Study
+
+    asked: list = []
+    ask = Study.ask
+
+    def recording_ask(study, *args, **kwargs):
+        trial = ask(study, *args, **kwargs)
+        asked.append((study, trial._trial_id))
+        return trial
+
+    Study.ask = recording_ask
+    try:
+        yield asked
+    finally:
+        Study.ask = ask
+
+
+def _fail_running(asked: list) -> None:
+    """End this invocation's trials that are still RUNNING as FAIL; other workers' trials are left alone."""
+    from optuna.trial import TrialState
+
+    for study, trial_id in asked:
+        try:
+            if study._storage.get_trial(trial_id).state == TrialState.RUNNING:
+                study._storage.set_trial_state(trial_id, TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - a storage gone at Ctrl-C: nothing more to close
+            pass
