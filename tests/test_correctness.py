@@ -345,26 +345,95 @@ def test_cuda_without_a_gpu_fails_before_sampling(run_app, tmp_path):
 
 
 # --------------------------------------------------------------------------- item 10: nuisance parameters
-def test_include_nuisance_is_a_one_line_error_before_any_work(run_app, tmp_path, toy_path):
+NUISANCE = ["data.nuisance=true", "sampling.include_nuisance=true"]
+
+
+def test_nuisance_toy_is_madminer_nuisance_setup(tmp_path):
+    """The variant's nuisance parameter is read by MadMiner's own machinery as written (app.toy docstring)."""
+    from madminer.sampling import SampleAugmenter, benchmark
+
+    plain = toy.ToySettings(n_events=4000)
+    varied = toy.ToySettings(n_events=4000, nuisance=True)
+    assert toy.settings_key(plain) != toy.settings_key(varied)
+    assert toy.toy_file_path(plain, tmp_path) != toy.toy_file_path(varied, tmp_path)
+    path, plain_path = toy.ensure_toy_file(varied, tmp_path), toy.ensure_toy_file(plain, tmp_path)
+    with h5py.File(path, "r") as f, h5py.File(plain_path, "r") as g:
+        names = [n.decode() for n in f["benchmarks/names"][()]]
+        assert names[6:] == list(toy.NUISANCE_BENCHMARKS)
+        assert f["benchmarks/is_nuisance"][()].tolist() == [0] * 6 + [1, 1]
+        assert [n.decode() for n in f["nuisance_parameters/names"][()]] == [toy.NUISANCE_PARAMETER]
+        assert f["samples/weights"].shape == (4000, 8)
+        # the physics part is the plain toy's (same events, same weights): its truth holds at nu = 0
+        np.testing.assert_array_equal(f["samples/weights"][:, :6], g["samples/weights"][()])
+        np.testing.assert_array_equal(f["samples/observations"][()], g["samples/observations"][()])
+        assert "nuisance_parameters" not in g
+    augmenter = SampleAugmenter(str(path), include_nuisance_parameters=True)
+    assert augmenter.n_nuisance_parameters == 1
+    x, theta, t_xz, _ = augmenter.sample_train_local(
+        theta=benchmark("sm"), n_samples=400, partition="train", test_split=0.2, validation_split=0.2
+    )
+    assert theta.shape == (400, 3) and t_xz.shape == (400, 3)
+    np.testing.assert_array_equal(theta, 0.0)  # (theta, nu) at the SM and the nominal nu = 0
+    # d/dnu log p(x, z | theta, nu) at nu = 0 is kappa x'_1 minus its sigma-weighted mean over the file
+    xprime1 = toy.smeared_from_observables(x)[:, 0]
+    slope, offset = np.polyfit(xprime1, t_xz[:, 2], 1)
+    assert slope == pytest.approx(toy.NUISANCE_KAPPA, rel=1e-4) and abs(offset) < 0.05
+    np.testing.assert_allclose(t_xz[:, 2], slope * xprime1 + offset, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_include_nuisance_samples_and_trains_on_the_nuisance_toy(run_app, tmp_path):
+    tiny = [a for a in TINY if a != "training.n_epochs=2"] + ["training.n_epochs=3"]
+    run_app("training=sally", "stage=sample", *NUISANCE, *tiny, run_dir=tmp_path / "s")
+    samples = tmp_path / "s" / "samples"
+    x, theta, t_xz = (np.load(samples / f"{k}_train.npy") for k in ("x", "theta", "t_xz"))
+    assert x.shape == (600, 2) and theta.shape == (600, 3) and t_xz.shape == (600, 3)  # (CWL2, CPWL2, nu)
+    np.testing.assert_array_equal(theta, 0.0)
+    slope = np.polyfit(toy.smeared_from_observables(x)[:, 0], t_xz[:, 2], 1)[0]
+    assert slope == pytest.approx(toy.NUISANCE_KAPPA, rel=1e-4)  # the nuisance score of the toy's systematic
+    assert json.loads((samples / "samples.json").read_text())["sampling"]["include_nuisance"] is True
+
+    run_app("training=sally", "stage=train", *NUISANCE, *tiny, f"sampling.samples_dir={samples}", run_dir=tmp_path / "t")
+    from app import estimators
+
+    estimator = estimators.load(tmp_path / "t" / "model")
+    assert estimator.n_parameters == 3  # the score network learned the nuisance component too
+    t_hat = estimators.score(estimator, x[:50])
+    assert t_hat.shape == (50, 3) and np.all(np.isfinite(t_hat))
+    # the nuisance component it learned follows the true one (kappa x'_1 up to a constant) after 3 tiny epochs
+    assert np.corrcoef(t_hat[:, 2], t_xz[:50, 2])[0, 1] > 0.9
+
+    proc = run_app("training=sally", *NUISANCE, *TINY, check=False, run_dir=tmp_path / "all")
+    assert proc.returncode == 2, proc.out[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "AsymptoticLimits does not support nuisance parameters" in line
+    assert "Traceback" not in proc.out and not (tmp_path / "all" / "samples").exists()
+
+
+def test_include_nuisance_is_a_one_line_error_before_any_work(run_app, tmp_path):
     proc = run_app("sampling.include_nuisance=true", *TINY, check=False)
     assert proc.returncode == 2, proc.out[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert "has no nuisance parameters" in line and "sampling.include_nuisance=false" in line
     assert "Traceback" not in proc.out and not (tmp_path / "run" / "samples").exists()
 
-    # a file with a nuisance parameter: sampling and training are allowed, limits (no profiling in MadMiner) are not
+    # the nuisance toy without them: MadMiner 0.9.6's readers fail on it (a ValueError in its NuisanceMorpher)
+    proc = run_app("data.nuisance=true", "stage=sample", *TINY, check=False, run_dir=tmp_path / "off")
+    assert proc.returncode == 2, proc.out[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "has nuisance parameters (scale_nuisance_param_0)" in line and "sampling.include_nuisance=true" in line
+    assert "Traceback" not in proc.out and not (tmp_path / "off" / "samples").exists()
+
     from app import datafile
     from app.errors import UserError
     from app.validate import _check_nuisance
 
-    path = _copy(toy_path, tmp_path)
-    with h5py.File(path, "a") as f:
-        f["nuisance_parameters/names"] = np.array([b"nu_norm"])
-    info = datafile.inspect(path)
+    info = datafile.inspect(toy.ensure_toy_file(toy.ToySettings(n_events=4000, nuisance=True), tmp_path))
     for stage in ("sample", "train"):
         _check_nuisance(OmegaConf.create({"sampling": {"include_nuisance": True}, "stage": stage}), info)
-    with pytest.raises(UserError, match="AsymptoticLimits does not support nuisance parameters"):
-        _check_nuisance(OmegaConf.create({"sampling": {"include_nuisance": True}, "stage": "all"}), info)
+    for stage in ("all", "evaluate", "plot"):
+        with pytest.raises(UserError, match="AsymptoticLimits does not support nuisance parameters"):
+            _check_nuisance(OmegaConf.create({"sampling": {"include_nuisance": True}, "stage": stage}), info)
 
 
 # --------------------------------------------------------------------------- item 11: defaults follow the file
