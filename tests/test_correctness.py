@@ -100,7 +100,8 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
     meta = read_json(target / "model.json")
     members = estimators.members(_untrained(target, seed))
     for i, member in enumerate(members):
-        member.save(str(target / meta["model_name"] / f"estimator_{i}" if len(members) > 1 else target / meta["model_name"]))
+        name = target / meta["model_name"]
+        member.save(str(name / f"estimator_{i}" if len(members) > 1 else name))
     compat.apply()
     cfg = compose([*overrides, "tracking=disabled"])
     info = datafile.inspect(Path(json.loads((run_dir / "run.json").read_text())["data_path"]), is_toy=True)
@@ -109,7 +110,8 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
     np.random.seed(cfg.sampling.seed + 1)
     model_file = target / meta["model_name"]
     with estimators.madminer_loads_from(model_file.parent):
-        found = evaluate._limits(cfg, METHODS[cfg.training.method], info, model_file, out, ToyTruth.from_file(info.path))
+        truth = ToyTruth.from_file(info.path)
+        found = evaluate._limits(cfg, METHODS[cfg.training.method], info, model_file, out, truth)
     return {k.replace("LimitMode.", ""): v for k, v in found.items()}  # the composed config holds enums
 
 
@@ -478,7 +480,9 @@ def test_include_nuisance_samples_and_trains_on_the_nuisance_toy(run_app, tmp_pa
     assert slope == pytest.approx(toy.NUISANCE_KAPPA, rel=1e-4)  # the nuisance score of the toy's systematic
     assert json.loads((samples / "samples.json").read_text())["sampling"]["include_nuisance"] is True
 
-    run_app("training=sally", "stage=train", *NUISANCE, *tiny, f"sampling.samples_dir={samples}", run_dir=tmp_path / "t")
+    run_app(
+        "training=sally", "stage=train", *NUISANCE, *tiny, f"sampling.samples_dir={samples}", run_dir=tmp_path / "t"
+    )
     from app import estimators
 
     estimator = estimators.load(tmp_path / "t" / "model")
