@@ -85,6 +85,7 @@ class ToyDataConfig:
     seed: int = 1234
     n_parameters: int = 2
     smearing: float = 0.5
+    nuisance: bool = False  # true: add one nuisance parameter (a shape systematic, app.toy; docs/toy.md)
 
 
 @dataclass

@@ -36,6 +36,7 @@ def resolve(data_cfg, cache_dir: str | Path) -> FileInfo:
             seed=data_cfg.seed,
             n_parameters=data_cfg.n_parameters,
             smearing=data_cfg.smearing,
+            nuisance=bool(data_cfg.get("nuisance", False)),
         )
         try:
             path = toy.ensure_toy_file(settings, cache_dir, path=data_cfg.path)

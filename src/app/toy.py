@@ -49,6 +49,15 @@ Event generation (MadMiner's convention, as if MadGraph had run once per benchma
   ``sample_only_from_closest_benchmark`` and its sampling factors n_b / N assume.
 * ``sampling_benchmarks`` = b per event, ``num_signal_events`` = [n_b, ..], no background.
   Events are shuffled (MadMiner splits train/test by index).
+* Nuisance variant (``nuisance=True``, ``data.nuisance=true``): one nuisance parameter nu, a shape
+  systematic declared as MadMiner declares a scale variation (``MadMiner.add_systematics("scale", "scale")``,
+  scale factors 0.5 / 2): nuisance parameter ``scale_nuisance_param_0`` with the benchmarks
+  ``scale_nuisance_param_0_benchmark_0`` (nu = +1) and ``.._benchmark_1`` (nu = -1), saved with
+  ``save_nuisance_setup`` and stored as two extra weight columns, rescaled to the reference benchmark (sm) as
+  MadMiner's LHE reader does: w_+- = w_sm * exp(+-NUISANCE_KAPPA * x'_1) [:func:`nuisance_weights`]. MadMiner's
+  NuisanceMorpher then gives dsigma(x | theta, nu) = dsigma(x | theta, 0) * exp(nu * NUISANCE_KAPPA * x'_1)
+  exactly (its a = kappa x'_1, b = 0): a tilt of the pt_j1 spectrum. The physics weights (and so the truth at
+  nu = 0) are those of the plain toy with the same settings; the extra columns use no randomness.
 * All event-level randomness comes from ``numpy.random.default_rng(seed)`` in a fixed order
   (latent draws per benchmark, smearing noise, shuffle). ``set_morphing`` draws from NumPy's global
   RNG; it is seeded from ``seed`` and the global state is restored afterwards. A file is therefore
@@ -96,6 +105,12 @@ OBSERVABLE_DEFINITIONS = (f"{PT_SCALE} * exp({PT_SLOPE} * toy_xprime_1)", "toy_x
 MORPHING_N_TRIALS = 100
 MORPHING_N_TEST_THETAS = 100
 MIN_EVENTS_PER_BENCHMARK = 10
+# Nuisance variant: a shape systematic declared as MadMiner's scale variation (see the module docstring)
+NUISANCE_SYSTEMATIC = "scale"
+NUISANCE_SCALE_VARIATIONS = (0.5, 1.0, 2.0)
+NUISANCE_PARAMETER = f"{NUISANCE_SYSTEMATIC}_nuisance_param_0"  # MadMiner's LHE reader's names
+NUISANCE_BENCHMARKS = (f"{NUISANCE_PARAMETER}_benchmark_0", f"{NUISANCE_PARAMETER}_benchmark_1")  # nu = +1, -1
+NUISANCE_KAPPA = 0.3  # dsigma(x | theta, nu) = dsigma(x | theta, 0) * exp(nu * NUISANCE_KAPPA * x'_1)
 SETTINGS_ATTR = "app_toy_settings"  # root attribute of the HDF5 file: JSON of the settings + format version
 
 
@@ -106,6 +121,7 @@ class ToySettings:
     seed: int = 1234
     n_parameters: int = 2  # 1 or 2
     smearing: float = 0.5
+    nuisance: bool = False  # add one nuisance parameter (a shape systematic; see the module docstring)
 
     def validate(self) -> ToySettings:
         """Raise ``ValueError`` (one line: the problem and the fix) for unusable settings; return self."""
@@ -125,16 +141,24 @@ class ToySettings:
             raise ValueError(f"smearing={self.smearing!r} is not a number; use a float >= 0, e.g. 0.5")
         if not np.isfinite(self.smearing) or self.smearing < 0:
             raise ValueError(f"smearing={self.smearing!r} is invalid; use a finite float >= 0 (0 = none)")
+        if not isinstance(self.nuisance, (bool, np.bool_)):
+            raise ValueError(f"nuisance={self.nuisance!r} is not a boolean; use nuisance=true or false")
         return self
 
     def canonical(self) -> dict:
-        """Settings with normalised types (so ``smearing=0`` and ``smearing=0.0`` are the same file)."""
-        return {
+        """Settings with normalised types (so ``smearing=0`` and ``smearing=0.0`` are the same file).
+
+        ``nuisance`` appears only when true: the plain toy keeps its cache key (and file) of before the variant.
+        """
+        settings = {
             "n_events": int(self.n_events),
             "seed": int(self.seed),
             "n_parameters": int(self.n_parameters),
             "smearing": float(self.smearing),
         }
+        if self.nuisance:
+            settings["nuisance"] = True
+        return settings
 
 
 def _is_int(value) -> bool:
@@ -272,6 +296,17 @@ def event_weights(z, sampling_ids, benchmark_thetas, n_per_benchmark, thetas=Non
     return per_event[ids][:, None] * numerator / denominator[:, None]
 
 
+def nuisance_weights(xprime, weights_sm) -> np.ndarray:
+    """The nuisance benchmarks' weight columns (n_events, 2): w_sm * exp(+-NUISANCE_KAPPA * x'_1), nu = +1, -1.
+
+    As MadMiner's LHE reader stores them: rescaled to the reference benchmark (sm), whatever the event's sampling
+    benchmark, so that MadMiner's NuisanceMorpher reads a(x) = 0.5 log(w_+ / w_-) = kappa x'_1 and b(x) = 0.
+    """
+    tilt = NUISANCE_KAPPA * np.asarray(xprime, dtype=np.float64)[:, 0]
+    weights_sm = np.asarray(weights_sm, dtype=np.float64)
+    return np.stack([weights_sm * np.exp(tilt), weights_sm * np.exp(-tilt)], axis=1)
+
+
 @dataclass(frozen=True)
 class ToyEvents:
     """One simulated sample, in file order (shuffled)."""
@@ -342,6 +377,10 @@ def build_miner(settings: ToySettings):
         )
     finally:
         np.random.set_state(state)
+    if settings.nuisance:
+        miner.add_systematics(
+            "scale", systematic_name=NUISANCE_SYSTEMATIC, scale="mu", scale_variations=NUISANCE_SCALE_VARIATIONS
+        )
     return miner
 
 
@@ -356,7 +395,7 @@ def benchmark_thetas_of(miner) -> tuple[list[str], np.ndarray]:
 def generate_toy_file(settings: ToySettings, path) -> Path:
     """(Re)generate the toy file at ``path``; written to a temporary file next to it, then renamed."""
     import h5py
-    from madminer.models import Observable
+    from madminer.models import NuisanceParameter, Observable
     from madminer.utils.interfaces.hdf5 import save_events, save_nuisance_setup
 
     settings.validate()
@@ -369,14 +408,23 @@ def generate_toy_file(settings: ToySettings, path) -> Path:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         miner.save(str(tmp))
-        # As MadMiner's LHE/Delphes readers do: flag the reference benchmark (here the SM).
-        save_nuisance_setup(str(tmp), True, [], {}, reference_benchmark=BENCHMARK_SM)
+        weights = {n: events.weights[:, i] for i, n in enumerate(names)}
+        nuisance = {}
+        if settings.nuisance:
+            extra = nuisance_weights(events.xprime, weights[BENCHMARK_SM])
+            weights.update({n: extra[:, i] for i, n in enumerate(NUISANCE_BENCHMARKS)})
+            nuisance = {
+                NUISANCE_PARAMETER: NuisanceParameter(NUISANCE_PARAMETER, NUISANCE_SYSTEMATIC, *NUISANCE_BENCHMARKS)
+            }
+        # As MadMiner's LHE/Delphes readers do: flag the reference benchmark (here the SM), add the nuisance
+        # benchmarks (flagged is_nuisance) and parameters.
+        save_nuisance_setup(str(tmp), True, list(weights), nuisance, reference_benchmark=BENCHMARK_SM)
         save_events(
             file_name=str(tmp),
             file_override=True,
             observables={n: Observable(n, d) for n, d in zip(OBSERVABLE_NAMES, OBSERVABLE_DEFINITIONS)},
             observations={n: events.observations[:, i] for i, n in enumerate(OBSERVABLE_NAMES)},
-            weights={n: events.weights[:, i] for i, n in enumerate(names)},
+            weights=weights,
             sampling_benchmarks=events.sampling_ids,
             num_signal_events=events.n_per_benchmark,
             num_background_events=0,

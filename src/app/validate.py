@@ -126,15 +126,32 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
 
 
 def _check_nuisance(cfg: DictConfig, info: FileInfo) -> None:
-    """sampling.include_nuisance=true: MadMiner 0.9.6 can sample and train with nuisance parameters but its
-    AsymptoticLimits cannot profile them, so it is honoured only for stage=sample/train on a file that has them."""
-    if not cfg.sampling.include_nuisance:
-        return
+    """Nuisance parameters, as MadMiner 0.9.6 handles them (docs/toy.md, "Nuisance parameters"):
+
+    * its SampleAugmenter samples with them (theta gets one column per nuisance parameter, the joint score one
+      component) and its estimators train on such samples: sampling.include_nuisance=true is honoured for
+      stage=sample and stage=train;
+    * its AsymptoticLimits cannot profile them: refused for the stages that evaluate;
+    * any of its readers (DataAnalyzer) fails on a file with nuisance parameters when told to leave them out
+      (include_nuisance_parameters=False: its NuisanceMorpher looks up the nuisance benchmarks it has just
+      filtered out, a ValueError): sampling.include_nuisance=false is refused on such a file;
+    * sampling.include_nuisance=true on a file without them is refused (nothing to include).
+    """
     import h5py
 
     with h5py.File(info.path, "r") as f:
-        n_nuisance = len(f["nuisance_parameters/names"]) if "nuisance_parameters/names" in f else 0
-    if n_nuisance == 0:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["nuisance_parameters/names"][()]] if (
+            "nuisance_parameters/names" in f
+        ) else []
+    if not cfg.sampling.include_nuisance:
+        if names:
+            raise UserError(
+                f"{info.path.name} has nuisance parameters ({', '.join(names)}) and MadMiner 0.9.6 cannot read it "
+                "without them; set sampling.include_nuisance=true with stage=sample or stage=train (its limits "
+                "cannot profile them), or use a file without nuisance parameters"
+            )
+        return
+    if not names:
         raise UserError(
             f"sampling.include_nuisance=true but {info.path.name} has no nuisance parameters; "
             "set sampling.include_nuisance=false"
