@@ -42,17 +42,17 @@ def chain(work: Path, events: int, samples: int, epochs: int, resolution: int, s
     cache = work / "cache"
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache), PYTHONUNBUFFERED="1")
     data = [f"data.n_events={events}", f"data.seed={seed}"]
-    common = [*data, "tracking=disabled", "cache.enabled=false", f"seed={seed}"]
+    common = [*data, "tracking=disabled", "cache.enabled=false", f"seed={seed}", f"sampling.n_samples={samples}"]
     app = [sys.executable, "-m", "app"]
     results = {}
     generate = ("from app import toy; import sys; "
                 f"print(toy.ensure_toy_file(toy.ToySettings(n_events={events}, seed={seed}), sys.argv[1]))")
     results["generate"] = measure([sys.executable, "-c", generate, str(cache)], env, work)
-    results["sample"] = measure([*app, "stage=sample", *common, f"sampling.n_samples={samples}",
-                                 f"hydra.run.dir={work}/sample"], env, work)
-    results["train"] = measure([*app, "stage=train", *common, f"sampling.samples_dir={work}/sample/samples",
-                                f"training.n_epochs={epochs}", f"hydra.run.dir={work}/train"], env, work)
-    results["limits"] = measure([*app, "stage=evaluate", *common, f"training.model_dir={work}/train/model",
+    results["sample"] = measure([*app, "stage=sample", *common, f"hydra.run.dir={work}/sample"], env, work)
+    train = [f"training.n_epochs={epochs}"]
+    results["train"] = measure([*app, "stage=train", *common, *train, f"sampling.samples_dir={work}/sample/samples",
+                                f"hydra.run.dir={work}/train"], env, work)
+    results["limits"] = measure([*app, "stage=evaluate", *common, *train, f"training.model_dir={work}/train/model",
                                  f"evaluation.grid.resolutions={resolution}", f"hydra.run.dir={work}/evaluate"],
                                 env, work)
     return results
