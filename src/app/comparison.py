@@ -167,8 +167,12 @@ def _methods_overlay(runs, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 5.5))
     baselines_drawn = False
+    names: list[str] = []
     for i, r in enumerate(runs):
         results = Path(r.data.tags.get("output_dir", "")) / "results"
+        run_file = results.parent / "run.json"
+        if not names and run_file.exists():
+            names = json.loads(run_file.read_text()).get("parameters") or []
         limits_file = results / "limits.json"
         if r.info.status != "FINISHED" or not limits_file.exists():
             continue
@@ -190,6 +194,9 @@ def _methods_overlay(runs, path: Path) -> None:
                        colors=[color], linestyles=[style])
             ax.plot([], [], c=color, ls=style, label=label)
         baselines_drawn = True
+    if len(names) == 2:
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
     ax.set_title("68 % CL expected limits by method")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> float | None:
     run_file = out_dir / "run.json"
     digest = cache_mod.file_digest(info.path, cfg.paths.cache_dir)
     update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": digest,
-                           "method": method.name, "stages": list(stages),
+                           "method": method.name, "stages": list(stages), "parameters": list(info.parameters),
                            "objective": {"metric": objective[0], "direction": objective[1]}})
     producer = {"output_dir": str(out_dir), "mlflow_run_id": (read_json(run_file) or {}).get("mlflow_run_id")}
     ctx = _Stages(cfg, method, info, out_dir, digest, producer)
