@@ -220,6 +220,16 @@ def _list_groups_cheaply() -> None:
 
     ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared
 
+    # The `schema` group holds the typed bases the presets extend (app.config), not choices: keep it out of --help.
+    from hydra._internal.hydra import Hydra
+
+    listed = Hydra.list_all_config_groups
+
+    def user_groups(self, parent: str = ""):
+        return [g for g in listed(self, parent) if g.split("/", 1)[0] != "schema"]
+
+    Hydra.list_all_config_groups = user_groups
+
 
 def main() -> None:
     if any(flag in sys.argv[1:] for flag in ("--help", "-h", "--hydra-help")):
