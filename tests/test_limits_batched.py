@@ -80,3 +80,31 @@ def test_batched_ml_limits_equal_madminers(models, name):
         np.testing.assert_allclose(p_fast, p_mm, atol=P_VALUE_TOLERANCE, rtol=0)
         # not vacuous: the log-likelihood and the p-values vary over the grid
         assert np.ptp(llr_mm) > 1.0 and (p_mm < 0.05).any() and (p_mm > 0.3).any(), (name, p_mm)
+
+
+@pytest.mark.parametrize("hist_bins", [None, [5, 4]])
+def test_histo_limits_with_low_memory_binning_and_cached_bin_search_equal_madminers(models, hist_bins):
+    """The histogram limits as the evaluate stage computes them (Limits: the binning from the mean weight over the
+    grid, histograms filled HISTO_THETA_BATCH grid points at a time, compat's reused bin search) equal MadMiner's
+    own AsymptoticLimits with its defaults: the same bins, the same p-values."""
+    from madminer.limits import AsymptoticLimits
+
+    from app import compat
+    from app.stages.evaluate import HISTO_THETA_BATCH
+
+    compat.apply()
+    settings = dict(mode="histo", theta_true=np.array([1.0, -2.0]), grid_ranges=[(-8.0, 8.0), (-8.0, 8.0)],
+                    grid_resolutions=[12, 12], luminosity=10000.0, include_xsec=True, test_split=0.2,
+                    hist_vars=["pt_j1", "delta_phi_jj"][: 1 if hist_bins is None else 2], hist_bins=hist_bins,
+                    n_histo_toys=None, n_binning_toys=None, return_histos=True)  # fmt: skip
+    assert HISTO_THETA_BATCH < 144  # several batches
+    ours = limits_class()(str(models["path"])).expected_limits(**settings, histo_theta_batchsize=HISTO_THETA_BATCH)
+    compat._LAST.clear()
+    with mock.patch.object(compat, "_bin_index", lambda *_: None):  # numpy's own histogramdd every time
+        theirs = AsymptoticLimits(str(models["path"])).expected_limits(**settings)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    for a, b in zip(ours[5], theirs[5]):
+        for edges_a, edges_b in zip(a.edges, b.edges):
+            np.testing.assert_allclose(edges_a, edges_b, rtol=1e-12)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-9, atol=1e-12)
+    assert ours[2] == theirs[2]

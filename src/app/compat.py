@@ -20,7 +20,43 @@ PATCHED_MODULES = ("madminer.utils.histo", "madminer.likelihood.histo")
 def histogramdd(sample, bins=10, range=None, normed=None, weights=None, density=None):  # noqa: A002
     if normed is not None and density is None:
         density = normed
-    return numpy.histogramdd(sample, bins=bins, range=range, weights=weights, density=density)
+    index = _bin_index(sample, bins) if not density else None
+    if index is None:
+        return numpy.histogramdd(sample, bins=bins, range=range, weights=weights, density=density)
+    xy, nbin, edges = index
+    hist = numpy.bincount(xy, weights, minlength=int(nbin.prod())).reshape(nbin).astype(float, casting="safe")
+    return hist[len(nbin) * (slice(1, -1),)], [e.copy() for e in edges]
+
+
+_LAST: dict = {}  # the last sample's bin indices: MadMiner fills one histogram per grid point from the same events
+
+
+def _bin_index(sample, bins):
+    """``numpy.histogramdd``'s flat bin index of every event, for explicit bin edges, computed once per events and
+    edges and reused for every further call with them (MadMiner's limits fill 2 histograms for each of the 625 grid
+    points from the same events, with only the weights changing: the bin search was 80 % of a histo limit at 10^6
+    events). Returns None where it does not apply (numpy then does everything, and the index is computed for next
+    time). The same steps as NumPy's, so the histograms are identical."""
+    if not isinstance(sample, numpy.ndarray) or sample.ndim != 2 or isinstance(bins, int) or len(bins) != sample.shape[1]:
+        return None
+    edges = [numpy.asarray(b) for b in bins]
+    if any(e.ndim != 1 for e in edges):
+        return None
+    key = (sample.__array_interface__["data"][0], sample.shape, sample.strides, sample.dtype.str)
+    last = _LAST.get("key")
+    if last is not None and last[:4] == key and all(numpy.array_equal(a, b) for a, b in zip(last[5], edges)):
+        return _LAST["value"]
+    if any(numpy.any(e[:-1] > e[1:]) for e in edges):
+        return None  # numpy raises its own error
+    counts = []
+    for i, e in enumerate(edges):
+        c = numpy.searchsorted(e, sample[:, i], side="right")
+        c[sample[:, i] == e[-1]] -= 1  # the right edge belongs to the last bin
+        counts.append(c)
+    nbin = numpy.asarray([len(e) + 1 for e in edges])
+    _LAST["key"] = (*key, sample, edges)  # holds the sample: its buffer cannot be reused while cached
+    _LAST["value"] = (numpy.ravel_multi_index(counts, nbin), nbin, edges)
+    return _LAST["value"]
 
 
 class _NumpyProxy(types.ModuleType):

@@ -172,6 +172,11 @@ def theta_grid_of(cfg: DictConfig, info: FileInfo) -> np.ndarray:
 
 
 LIMIT_RESULTS = ("theta_grid", "p_values", "i_ml", "llr_kin", "llr_rate")
+# Histograms are filled for this many grid points at a time (MadMiner's default, 1000, holds a weight for every
+# grid point and event at once: 4 GB at 10^6 events). Only for modes whose histogram data do not depend on the grid
+# point (histo, sally): MadMiner's batched loop pairs each batch with the first grid points, which matters only
+# where the data are transformed per point (sallino, adaptive-sally: one batch, as before).
+HISTO_THETA_BATCH = 64
 
 
 def _expected_limits(limits, kwargs: dict, seed: int, memo) -> tuple:
@@ -218,11 +223,14 @@ def _limits(cfg, method, info, model_file, tmp: Path, truth: truth_mod.ToyTruth 
             return_histos=False,
         )
         if mode == "histo":
-            kwargs.update(hist_vars=hist_vars, hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
+            kwargs.update(hist_vars=hist_vars, hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None,
+                          histo_theta_batchsize=HISTO_THETA_BATCH)
         elif name in MODEL_MODES:
             kwargs["model_file"] = str(model_file)
             if mode != "ml":
                 kwargs.update(hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
+            if mode == "sally":
+                kwargs["histo_theta_batchsize"] = HISTO_THETA_BATCH
             if name in THETAREF_MODES:
                 kwargs["thetaref"] = training_point(cfg, info)
         theta_grid, p_values, i_ml, llr_kin, llr_rate = _expected_limits(limits, kwargs, cfg.sampling.seed, memo)
