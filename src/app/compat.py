@@ -57,8 +57,8 @@ def events_in_memory():
     """MadMiner re-reads all events of the file for every theta it samples (``load_events`` ->
     ``_load_samples``: open the HDF5 file, read observations, weights and sampling ids), about half of
     the time of a sampling call with many theta points. Inside this block the arrays are read once per
-    file (keyed by path, size and modification time) and shared, read-only, by every call: the same
-    arrays, so the same samples. Idempotent when nested."""
+    file (keyed by path, size and modification time) and every call gets a fresh copy of them (MadMiner
+    scales some batches in place): the same arrays, so the same samples. Idempotent when nested."""
     from madminer.utils.interfaces import hdf5
 
     original = hdf5._load_samples
@@ -71,11 +71,9 @@ def events_in_memory():
         stat = os.stat(file_name)
         key = (os.path.realpath(file_name), stat.st_size, stat.st_mtime_ns)
         if key not in cache:
-            arrays = original(file_name)
-            for array in arrays:
-                array.setflags(write=False)  # shared: an in-place change would leak into the next theta
-            cache[key] = arrays
-        return cache[key]
+            cache[key] = original(file_name)
+        # a copy per call (~0.1 ms for the toy): MadMiner may change a batch in place (weights *= factor)
+        return tuple(array.copy() for array in cache[key])
 
     load._app_in_memory = True
     hdf5._load_samples = load
