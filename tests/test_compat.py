@@ -53,3 +53,47 @@ def test_shim_translates_normed_to_density():
     density, _ = compat.histogramdd(sample, bins=[2], range=[(0, 10)], normed=True)
     assert counts.tolist() == [5.0, 5.0]
     assert np.isclose(density.sum() * 5.0, 1.0)
+
+
+def test_events_in_memory_reads_the_file_once_and_gives_the_same_samples(tmp_path):
+    """Sampling many theta points inside compat.events_in_memory(): identical samples, one read of the file,
+    a fresh copy per call, and MadMiner's reader restored afterwards."""
+    from madminer.sampling import SampleAugmenter, benchmark, random_morphing_points
+    from madminer.utils.interfaces import hdf5
+
+    from app import toy
+
+    path = toy.generate_toy_file(toy.ToySettings(n_events=2000), tmp_path / "toy.h5")
+    original = hdf5._load_samples
+    reads = []
+
+    def draw():
+        np.random.seed(3)
+        return SampleAugmenter(str(path)).sample_train_ratio(
+            theta0=random_morphing_points(15, [("flat", -5.0, 5.0)] * 2), theta1=benchmark("sm"), n_samples=300,
+            test_split=0.2, validation_split=0.2, partition="train",
+        )
+
+    expected = draw()
+    def counting(name):
+        reads.append(name)
+        return original(name)
+
+    hdf5._load_samples = counting
+    try:
+        with compat.events_in_memory():
+            assert hdf5._load_samples is not counting
+            with compat.events_in_memory():  # nested: the outer cache stays
+                got = draw()
+            first = hdf5._load_samples(str(path))[1]
+            first *= 0.0  # MadMiner scales batches in place: the next call must not see it
+            second = hdf5._load_samples(str(path))[1]
+    finally:
+        restored = hdf5._load_samples
+        hdf5._load_samples = original
+    assert len(reads) == 1  # without the block: once per theta point and set
+    assert np.all(second != 0.0)
+    assert restored is counting  # the reader that was there before the block
+    for a, b in zip(expected, got):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)

@@ -66,6 +66,7 @@ def test_seed_workflow_picks_per_method_settings():
     alices = _compose("+experiment=seed_workflow", "training=alices")
     sally = _compose("+experiment=seed_workflow", "training=sally")
     assert alices["training"]["n_hidden"] == [100, 100, 100] and alices["training"]["n_epochs"] == 2
+    assert (alices["training"]["initial_lr"], alices["training"]["final_lr"]) == (0.001, 0.0001)  # the seed's
     assert alices["sampling"]["theta0"]["priors"] == [["gaussian", 0.0, 1.0], ["gaussian", 0.0, 1.0]]
     assert sally["training"]["n_hidden"] == [100] and sally["training"]["n_epochs"] == 50
     assert sally["sampling"]["kind"] == "local" and sally["training"]["estimator"] == "score"

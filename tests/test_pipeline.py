@@ -87,7 +87,7 @@ def test_quadratic_morphing_aware_on_one_parameter_toy(run_app, tmp_path):
     assert np.load(tmp_path / "run" / "results" / "grid.npy").shape[1] == 1
     assert metrics["limits_ml_cl68_fraction"] > 0
     assert json.loads((tmp_path / "run" / "samples" / "samples.json").read_text())["sampling"]["theta0"]["priors"] == [
-        ["flat", -10.0, 10.0]
+        ["flat", -5.0, 5.0]
     ]
 
 

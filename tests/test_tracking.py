@@ -48,7 +48,7 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
     assert run.info.status == "FINISHED"
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["training.method"] == "alices" and params["sampling.n_samples"] == "600"
-    assert params["sampling.theta0.priors"] == '[["flat",-10.0,10.0]]'  # one prior for each parameter
+    assert params["sampling.theta0.priors"] == '[["flat",-5.0,5.0]]'  # one prior for each parameter
     assert params["training.n_hidden"] == "[16,16]"
     assert len(params) > 60
     assert tags["training"] == "alices" and tags["sampling"] == "ratio" and tags["data"] == "toy"

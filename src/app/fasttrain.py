@@ -443,7 +443,12 @@ def _fit(
         means = (torch.stack(totals).sum(0) / n_batches).tolist()  # the one sync of the epoch
         loss_val, contributions_val = None, None
         if val is not None and not math.isnan(means[0]):
-            val_means = _validation_loss(model, forward, val, loss_functions, loss_weights)
+            try:
+                val_means = _validation_loss(model, forward, val, loss_functions, loss_weights)
+            except RuntimeError as err:  # the last step made the network output NaN: BCELoss refuses it
+                if "between 0 and 1" not in str(err):
+                    raise
+                val_means = [math.nan] * (1 + len(loss_functions))
             loss_val, contributions_val = val_means[0], np.array(val_means[1:])
         if math.isnan(means[0]) or (loss_val is not None and math.isnan(loss_val)):
             log.info("Ending training during epoch %s because NaNs appeared", i_epoch + 1)

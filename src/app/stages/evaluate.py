@@ -133,7 +133,7 @@ def run(
     metrics: dict = dict(train_metrics or {})
     truth = truth_for(cfg, info)
     log.info(describe_theta_true(cfg, info))
-    with atomic_dir(target) as tmp, app_device.use(cfg.training.device):
+    with compat.events_in_memory(), atomic_dir(target) as tmp, app_device.use(cfg.training.device):
         np.random.seed(cfg.sampling.seed + 1)
         with estimators.madminer_loads_from(model_file.parent) if model_file else nullcontext():
             metrics.update(_limits(cfg, method, info, model_file, tmp, truth, memo))
