@@ -134,6 +134,15 @@ def test_cache_reuses_stages_and_records_provenance(run_app, tmp_path):
 
     assert cache.verify(third / "model") is None
     assert cache.read_provenance(third / "model")["configs"]["train"]["training"]["alpha"] == 3.0
+    # the same run again: every stage, the plots included, comes from the cache (the figures are copied, not drawn)
+    fourth = tmp_path / "d"
+    run_app(*TINY, "training.alpha=3", "evaluation.luminosity=20000", run_dir=fourth)
+    record = json.loads((fourth / "run.json").read_text())["cache"]
+    assert record["evaluate"]["status"] == record["plot"]["status"] == "reused"
+    assert json.loads((third / "run.json").read_text())["cache"]["plot"]["status"] == "computed"
+    drawn = sorted(p.name for p in (third / "plots").iterdir())
+    assert "limits.png" in drawn and drawn == sorted(p.name for p in (fourth / "plots").iterdir())
+    assert (fourth / "plots" / "limits.png").read_bytes() == (third / "plots" / "limits.png").read_bytes()
 
 
 def test_a_training_only_sweep_samples_once(run_app, tmp_path):

@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> float | None:
         model_dir = loaded["train"].model_dir if "train" in loaded else (
             Path(cfg.training.model_dir) if cfg.training.model_dir else None)
         with _timed("plot"):
-            plot.run(results.results_dir, model_dir, out_dir, list(info.parameters))
+            ctx.plots(lambda target: plot.run(results.results_dir, model_dir, target, list(info.parameters)))
 
     update_json(run_file, {"cache": ctx.record,
                            "reused": {"samples": ctx.reused("sample"), "model": ctx.reused("train")}})
@@ -180,6 +180,26 @@ class _Stages:
         counts["reused" if reused else "computed"] += 1
         with np.load(entry.path / "arrays.npz") as found:
             return {k: found[k] for k in found.files}
+
+    def plots(self, draw) -> None:
+        """The plot stage: ``draw(folder)`` writes ``folder/plots``. Its figures follow from the evaluate stage's
+        results and the model's training history only, so with a cached evaluation they are cached too, under
+        a key that chains to it (a warm sweep copies them instead of drawing them again)."""
+        from app import cache
+        from app.io import atomic_dir
+
+        upstream = self.keys.get("evaluate")
+        if not self.cache.enabled or self.record.get("evaluate", {}).get("status") not in ("reused", "computed"):
+            draw(self.out_dir)  # no cache, or results the user gave (not content-addressed)
+            return
+        key = cache.stage_key("plot", data_digest=self.digest, config={"parameters": list(self.info.parameters)},
+                              upstream=upstream)
+        meta = {"data_digest": self.digest, "data_path": str(self.info.path), "method": self.method.name,
+                "upstream": upstream, "produced_by": self.producer}
+        entry, reused = self.cache.get_or_create("plot", key, draw, meta)
+        with atomic_dir(self.out_dir / "plots") as tmp:
+            _copy_files(entry.path / "plots", tmp)
+        self.record["plot"] = {"key": key, "status": "reused" if reused else "computed"}
 
     def is_given(self, stage: str) -> bool:
         from app import provenance
