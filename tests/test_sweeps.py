@@ -35,7 +35,8 @@ def test_validation_samples_come_from_the_validation_partition(run_app, tmp_path
     run_app(*TINY, "stage=sample")
     samples = tmp_path / "run" / "samples"
     x_train, x_val = np.load(samples / "x_train.npy"), np.load(samples / "x_val.npy")
-    # sampling.n_validation_samples: null = a quarter of n_samples (MadMiner rounds per theta0 point; 100 points by default)
+    # sampling.n_validation_samples: null = a quarter of n_samples (MadMiner rounds per theta0 point;
+    # 100 points by default)
     assert 600 // 4 <= len(x_val) < 600 // 4 + 20
     # MadMiner draws with replacement, so training rows repeat; no validation row is a training event.
     train_rows = {row.tobytes() for row in x_train}

@@ -39,7 +39,9 @@ def _bin_index(sample, bins):
     points from the same events, with only the weights changing: the bin search was 80 % of a histo limit at 10^6
     events). Returns None where it does not apply (numpy then does everything, and the index is computed for next
     time). The same steps as NumPy's, so the histograms are identical."""
-    if not isinstance(sample, numpy.ndarray) or sample.ndim != 2 or isinstance(bins, int) or len(bins) != sample.shape[1]:
+    if not isinstance(sample, numpy.ndarray) or sample.ndim != 2 or isinstance(bins, int):
+        return None
+    if len(bins) != sample.shape[1]:
         return None
     edges = [numpy.asarray(b) for b in bins]
     if any(e.ndim != 1 for e in edges):

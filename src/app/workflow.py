@@ -59,7 +59,9 @@ RESERVED = ("stage", "training", "hydra.run.dir", "hydra.sweep.dir", "sampling.s
 STAGES = {"sample": "sampling", "train": "training", "evaluate": "evaluating"}
 SECRET_ENV = "MADMINER_SWEEPER_SECRET_"
 # ${oc.env:NAME} (optionally with a default), or ${oc.decode:${oc.env:NAME}}: read from the environment
-ENV_REF = re.compile(r"^\$\{(?:oc\.env:(?P<a>[A-Za-z_]\w*)(?:,[^${}]*)?|oc\.decode:\$\{oc\.env:(?P<b>[A-Za-z_]\w*)\})\}$")
+ENV_REF = re.compile(
+    r"^\$\{(?:oc\.env:(?P<a>[A-Za-z_]\w*)(?:,[^${}]*)?|oc\.decode:\$\{oc\.env:(?P<b>[A-Za-z_]\w*)\})\}$"
+)
 
 
 # ---------------------------------------------------------------------------- parameters as data
@@ -445,8 +447,8 @@ def run(args) -> int:
         if uri != NONE and not expand(uri).startswith(("http://", "https://")):
             server, uri = _serve_mlflow(workdir)
         forward = "".join(f" -e {name}" for name in env_names)  # the value comes from docker's environment
-        env_updates.update(PACKTIVITY_DOCKER_NOPULL="1",
-                           PACKTIVITY_DOCKER_CMD_MOD=os.environ.get("PACKTIVITY_DOCKER_CMD_MOD", "--network host") + forward)
+        cmd_mod = os.environ.get("PACKTIVITY_DOCKER_CMD_MOD", "--network host") + forward
+        env_updates.update(PACKTIVITY_DOCKER_NOPULL="1", PACKTIVITY_DOCKER_CMD_MOD=cmd_mod)
     initdata = {"data": encode(data), "methods": encode(args.methods), "overrides": [encode(o) for o in overrides],
                 "tracking_uri": encode(uri), "experiment": encode(experiment), "run_name": encode(run_name)}
     os.environ.update(env_updates)

@@ -208,4 +208,4 @@ def test_secrets_stay_out_of_the_yadage_workflow(tmp_path, cache_dir, postgres_d
     texts.update(stdout=proc.stdout, stderr=proc.stderr, mlflow_database=_database_text(db))
     leaks = _leaks([tmp_path], texts) + [str(p) for p in _hydra_records(tmp_path / "wf")
                                          if SECRET.encode() in p.read_bytes() or ENV_SECRET.encode() in p.read_bytes()]
-    assert not leaks, [(k, [s[max(0, s.find("Zq") - 300):s.find("Zq") + 50] for s in [v]]) for k, v in texts.items() if k in leaks][:2]
+    assert not leaks, [(k, v[max(0, v.find("Zq") - 300):v.find("Zq") + 50]) for k, v in texts.items() if k in leaks][:2]
