@@ -22,7 +22,7 @@ PATCHED_MODULES = ("madminer.utils.histo", "madminer.likelihood.histo")
 def histogramdd(sample, bins=10, range=None, normed=None, weights=None, density=None):  # noqa: A002
     if normed is not None and density is None:
         density = normed
-    index = _bin_index(sample, bins) if not density else None
+    index = _bin_index(sample, bins) if REUSE_BIN_SEARCH and not density else None
     if index is None:
         return numpy.histogramdd(sample, bins=bins, range=range, weights=weights, density=density)
     xy, nbin, edges = index
@@ -30,6 +30,7 @@ def histogramdd(sample, bins=10, range=None, normed=None, weights=None, density=
     return hist[len(nbin) * (slice(1, -1),)], [e.copy() for e in edges]
 
 
+REUSE_BIN_SEARCH = True  # False: NumPy's histogramdd every time (bench/seed_scenario.py's MadMiner-as-is baseline)
 _LAST: dict = {}  # the last sample's bin indices: MadMiner fills one histogram per grid point from the same events
 
 
