@@ -200,11 +200,17 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
         assert distance > ADAPTIVE_SALLY_BEST_FIT_DISTANCE_MAX, distance
 
 
-@pytest.mark.slow
-def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
+def _untrained_density_metrics(run_dir: Path, seed: int) -> dict:
+    """The truth metrics of the run's density networks re-initialised with ``seed``, on the run's test events."""
     from app.stages.evaluate import truth_density_metrics
     from app.truth import ToyTruth
 
+    x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
+    return truth_density_metrics(_untrained(run_dir / "model", seed), ToyTruth(0.5, 2), x, grid, np.zeros(2), {})
+
+
+@pytest.mark.slow
+def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
     run_app("training=nde", *NDE_ENSEMBLE, *EVAL, *_seeded(1))
     run_dir = tmp_path / "run"
     m = _metrics(run_dir)
@@ -213,9 +219,8 @@ def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
         assert m[f"{key}_ensemble_std"] > 0, key
     assert m["truth_log_r_mse_ensemble_std"] < m["truth_log_r_mse"]
     # the same networks untrained miss the bound (their log-likelihood gap does not separate: docs/toy.md)
-    x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
     for seed in range(2):
-        u = truth_density_metrics(_untrained(run_dir / "model", seed), ToyTruth(0.5, 2), x, grid, np.zeros(2), {})
+        u = _untrained_density_metrics(run_dir, seed)
         assert u["truth_log_r_mse"] > NDE_ENSEMBLE_LOG_R_MSE_MAX, u
 
 
@@ -224,16 +229,12 @@ def test_density_with_gaussian_mixtures_meets_the_likelihood_gap_bound(run_app, 
     """truth_log_likelihood_gap (a Monte Carlo KL(p || p_hat)) separates trained from untrained flows once each MADE
     has Gaussian-mixture conditionals: a plain MADE stack is affine in the first observable, so its best fit of the
     skewed pt_j1 marginal is no better than the untrained flow's standard normal in scaled inputs (docs/toy.md)."""
-    from app.stages.evaluate import truth_density_metrics
-    from app.truth import ToyTruth
-
     run_app("training=nde", *NDE_MIXTURE, *EVAL, *_seeded(1))
     run_dir = tmp_path / "run"
     m = _metrics(run_dir)
     assert m["truth_log_likelihood_gap"] < NDE_GAP_MAX, m["truth_log_likelihood_gap"]
-    x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
     for seed in range(2):
-        u = truth_density_metrics(_untrained(run_dir / "model", seed), ToyTruth(0.5, 2), x, grid, np.zeros(2), {})
+        u = _untrained_density_metrics(run_dir, seed)
         assert u["truth_log_likelihood_gap"] > NDE_GAP_MAX, u
 
 
