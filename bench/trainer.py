@@ -75,22 +75,40 @@ def time_one(trainer, data, device, batch_size, epochs, seed=0):
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     n_samples = (len(data["x"]) - int(0.25 * len(data["x"]))) * epochs
-    return n_samples / seconds, n_samples / cpu_seconds
+    return n_samples / seconds, n_samples / cpu_seconds, _loop_rate(trainer)
 
 
-def throughput(args, data, device, batches, epochs):
+def _loop_rate(trainer):
+    """The fast trainer's steady training loop: samples per second of its epochs after the first (device-resident
+    data; no preparation, copies or validation). None for MadMiner's trainer or a single epoch."""
+    from app import fasttrain
+
+    seconds = fasttrain.LAST_LOOP.get("epoch_seconds", [])[1:]
+    if trainer != "fast" or not seconds:
+        return None
+    return fasttrain.LAST_LOOP["samples"] * len(seconds) / sum(seconds)
+
+
+def throughput(args, data, device, batches, epochs, madminer_data=None):
+    """madminer_data: a smaller tiling for MadMiner's trainer (its rate is per-sample collation, the same at any
+    size; on a GPU it would otherwise spend most of the check's minutes on 10^6 samples per run)."""
     rows = []
     for batch_size in batches:
         rates = {"madminer": [], "fast": []}
         for _ in range(args.repeat):
             for trainer in rates:
-                rates[trainer].append(time_one(trainer, data, device, batch_size, epochs))
+                use = madminer_data if trainer == "madminer" and madminer_data is not None else data
+                rates[trainer].append(time_one(trainer, use, device, batch_size, epochs))
         for i, per in enumerate(("wall s", "CPU s")):
             mm = statistics.median(r[i] for r in rates["madminer"])
             fast = statistics.median(r[i] for r in rates["fast"])
             rows.append((device, batch_size, per, mm, fast))
             print(f"{device:<5} batch {batch_size:>6d}  per {per:<6}  madminer {mm:>12,.0f}/s  fast {fast:>12,.0f}/s  "
                   f"{fast / mm:6.1f}x", flush=True)  # fmt: skip
+        loops = [r[2] for r in rates["fast"] if r[2] is not None]
+        if loops:
+            print(f"{device:<5} batch {batch_size:>6d}  fast trainer's training loop alone (epochs 2+, data on the "
+                  f"device): {statistics.median(loops):>14,.0f} samples/s", flush=True)  # fmt: skip
     return rows
 
 
@@ -132,6 +150,9 @@ def main() -> None:
     parser.add_argument("--gpu-batches", type=int, nargs="*", default=[1024, 8192, 65536])
     parser.add_argument("--gpu-samples", type=int, default=1_000_000)
     parser.add_argument("--gpu-epochs", type=int, default=2)
+    parser.add_argument("--gpu-madminer-samples", type=int, default=200_000,
+                        help="MadMiner's trainer on this many of the tiled GPU samples (its rate is per-sample)")
+    parser.add_argument("--lr-scaling", action="store_true", help="GPU: validation loss vs batch size and lr")
     parser.add_argument("--agreement", type=int, default=0, metavar="N_SEEDS")
     args = parser.parse_args()
     logging.getLogger("madminer").setLevel(logging.ERROR)
@@ -161,9 +182,36 @@ def main() -> None:
         print(f"GPU: {torch.cuda.get_device_name(0)}; samples tiled to {args.gpu_samples}", flush=True)
         reps = -(-args.gpu_samples // len(data["x"]))
         big = {k: np.tile(v, (reps,) + (1,) * (v.ndim - 1))[: args.gpu_samples] for k, v in data.items()}
+        small = {k: v[: args.gpu_madminer_samples] for k, v in big.items()}
+        print(f"MadMiner's trainer on the first {len(small['x'])} of them", flush=True)
         time_one("fast", big, "cuda", 65536, 1)  # warm-up (CUDA context, kernels)
         time_one("madminer", data, "cuda", 1024, 1)
-        throughput(args, big, "cuda", args.gpu_batches, args.gpu_epochs)
+        throughput(args, big, "cuda", args.gpu_batches, args.gpu_epochs, madminer_data=small)
+        if args.lr_scaling:
+            lr_scaling(big, args.gpu_epochs)
+
+
+def lr_scaling(data, epochs):
+    """Validation loss after the same epochs at batch 1024 and 65536, with MadMiner's default learning rates
+    (1e-3 -> 1e-4) and with them scaled by sqrt(64) = 8 and by 64 (linear): 64x larger batches take 64x fewer
+    steps per epoch, so the unscaled rate trains less per epoch."""
+    import numpy as np
+    import torch
+    from madminer.ml import ParameterizedRatioEstimator
+
+    from app import fasttrain
+
+    print(f"learning-rate scaling, fast trainer on cuda, {epochs} epochs: best validation loss", flush=True)
+    for batch_size, scale in ((1024, 1), (65536, 1), (65536, 8), (65536, 64)):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        estimator = ParameterizedRatioEstimator(n_hidden=(50, 50))
+        start = time.perf_counter()
+        _, val = fasttrain.fit(estimator, "fast", "cuda", method="alices", n_epochs=epochs, batch_size=batch_size,
+                               initial_lr=1e-3 * scale, final_lr=1e-4 * scale, n_workers=0, verbose="none", **data)
+        torch.cuda.synchronize()
+        print(f"cuda  batch {batch_size:>6d}  lr {1e-3 * scale:.0e} -> {1e-4 * scale:.0e}  "
+              f"val_loss {float(np.min(val.astype(float))):.4f}  ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,34 @@ def test_events_in_memory_reads_the_file_once_and_gives_the_same_samples(tmp_pat
     for a, b in zip(expected, got):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+
+
+def test_python312_shim_lets_uproot3_import_without_find_module_and_distutils():
+    """The GPU machines' Python 3.12 has neither ``FileFinder.find_module`` nor ``distutils``: madminer's uproot3
+    imports fail there. Simulated on 3.11 in a subprocess (both removed), the shim makes them import again; without
+    it the same imports fail (checked first, so the simulation really removes what 3.12 removes)."""
+    import subprocess
+    import sys
+
+    simulate = (
+        "import importlib.machinery as m, sys\n"
+        "del m.FileFinder.find_module\n"
+        "sys.modules['distutils'] = None\n"
+        "sys.modules['distutils.version'] = None\n"
+    )
+    without = subprocess.run([sys.executable, "-c", simulate + "import uproot3_methods, awkward0"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert without.returncode != 0 and ("find_module" in without.stderr or "distutils" in without.stderr)
+    check = (
+        "import app\n"
+        "app._python312_shim()\n"
+        "import uproot3_methods.classes.TLorentzVector, awkward0, madminer.utils.interfaces.delphes\n"
+        "import distutils.version as v\n"
+        "assert v.LooseVersion('1.13.1') < v.LooseVersion('2.5.2+local')\n"
+        "assert v.LooseVersion('2.0') >= v.LooseVersion('2')\n"
+        "print('ok')\n"
+    )
+    with_shim = subprocess.run([sys.executable, "-c", simulate + check],
+                               capture_output=True, text=True)  # fmt: skip
+    assert with_shim.returncode == 0, with_shim.stderr[-2000:]
+    assert with_shim.stdout.strip() == "ok"

@@ -8,6 +8,7 @@ variables are changed).
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 from app.errors import UserError
@@ -56,6 +57,10 @@ def use(requested: str):
 
     Trainer.__init__ = __init__
     _current = name
+    if name == "cuda":
+        import torch
+
+        logging.getLogger("app").info("torch device: cuda (%s)", torch.cuda.get_device_name())
     try:
         yield name
     finally:

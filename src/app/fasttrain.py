@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 SMALL_BATCH = 4096  # CPU batches up to this size train on one torch thread (see _threads_for)
 VALIDATION_CHUNK = 1 << 15  # samples per forward pass when computing the validation loss
 _VERBOSE_EVERY = {"many": 50, "some": 20, "few": 5}  # MadMiner's: log after every 1/N of the epochs
+# The last fast fit's training loop, for bench/trainer.py: samples per epoch and the seconds of each epoch's batches
+# (data already on the device; validation, preparation and copies excluded).
+LAST_LOOP: dict = {}
 
 
 def fit(model, trainer: str = "fast", device: str = "auto", **kwargs):
@@ -410,8 +414,11 @@ def _fit(
     best_loss, best_state, best_epoch = None, None, None
     losses_train, losses_val = [], []
     loss_val = None
+    LAST_LOOP.clear()
+    LAST_LOOP.update(samples=n, epoch_seconds=[])
     for i_epoch in range(epochs):
         Trainer.set_lr(opt, Trainer.calculate_lr(i_epoch, epochs, initial_lr, final_lr))
+        epoch_start = time.perf_counter()
         before = _copy_state(model)
         model.train()
         order = torch.randperm(n, device=device)
@@ -441,6 +448,7 @@ def _fit(
             loss_val = None
             break
         means = (torch.stack(totals).sum(0) / n_batches).tolist()  # the one sync of the epoch
+        LAST_LOOP["epoch_seconds"].append(time.perf_counter() - epoch_start)
         loss_val, contributions_val = None, None
         if val is not None and not math.isnan(means[0]):
             try:
