@@ -57,8 +57,9 @@ def main() -> None:
         settings += ["sampling.n_samples=1000", "training.n_epochs=3", "evaluation.n_test_samples=200"]
     with tempfile.TemporaryDirectory(prefix="bench-sweeps-") as tmp:
         tmp = Path(tmp)
-        # the toy is generated once, outside the measurements
-        subprocess.run([sys.executable, "-m", "app", "stage=sample", "tracking=disabled", f"hydra.run.dir={tmp}/toy"],
+        # the toy and the MLflow store (its schema) are created once, outside the measurements, as a user has them
+        subprocess.run([sys.executable, "-m", "app", "stage=sample", f"tracking={args.tracking}",
+                        f"hydra.run.dir={tmp}/toy"],
                        cwd=tmp, env=dict(os.environ, MADMINER_SWEEPER_CACHE=str(tmp / "toycache")), check=True,
                        capture_output=True)
 

@@ -332,3 +332,37 @@ def test_madminer_trainer_gets_scaled_validation_thetas(tmp_path):
     reference.initialize_parameter_transform(np.concatenate([np.load(files["theta0"]), np.load(files["theta1"])]))
     np.testing.assert_allclose(scaled["theta0_val"], reference._transform_parameters(np.load(files["theta0_val"])))
     assert _prescaled_validation_thetas({k: str(v) for k, v in files.items()}, "morphing_aware") == {}
+
+
+def test_in_process_grid_composes_each_job_config_once():
+    """Hydra composes a job's config to validate the batch and again in the launcher; with the in-process launcher
+    the launcher takes the validated one (each config object used once), other launchers compose as before."""
+    from hydra_plugins.madminer_sweeper.sweepers import _compose_once
+
+    class Loader:
+        def __init__(self):
+            self.calls = 0
+
+        def load_sweep_config(self, master_config, sweep_overrides):
+            self.calls += 1
+            return {"overrides": list(sweep_overrides), "n": self.calls}
+
+    class BasicLauncher:
+        pass
+
+    class JoblibLauncher:
+        pass
+
+    master = object()
+    loader = Loader()
+    with _compose_once(loader, BasicLauncher()):
+        validated = [loader.load_sweep_config(master_config=master, sweep_overrides=[f"a={i}"]) for i in range(3)]
+        launched = [loader.load_sweep_config(master, [f"a={i}"]) for i in range(3)]
+        again = loader.load_sweep_config(master, ["a=0"])  # a config is handed out once, then composed anew
+    assert loader.calls == 4
+    assert all(v is w for v, w in zip(validated, launched)) and again["n"] == 4
+    assert "load_sweep_config" not in vars(loader)  # unwrapped afterwards
+    with _compose_once(loader, JoblibLauncher()):
+        loader.load_sweep_config(master, ["a=0"])
+        loader.load_sweep_config(master, ["a=0"])
+    assert loader.calls == 6

@@ -355,13 +355,16 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     tracking.log_metrics(c, run_id, triples)
 
     with tempfile.TemporaryDirectory() as tmp:
+        import yaml  # plain YAML in and out (the files as Hydra saved them, interpolations as text): 4x OmegaConf's
+
         hydra_dir = out / ".hydra"
+        loader, dumper = getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)
         for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
             if (hydra_dir / name).exists():
-                content = OmegaConf.to_container(OmegaConf.load(hydra_dir / name), resolve=False)
-                safe = Path(tmp) / name
-                safe.write_text(OmegaConf.to_yaml(OmegaConf.create(tracking.redact(content))))
-                c.log_artifact(run_id, str(safe), "hydra")
+                content = yaml.load((hydra_dir / name).read_text(), Loader=loader)
+                (Path(tmp) / name).write_text(yaml.dump(tracking.redact(content), Dumper=dumper, sort_keys=False))
+        if any(Path(tmp).iterdir()):
+            c.log_artifacts(run_id, tmp, "hydra")
     for folder in ("results", "plots", "model"):
         if (out / folder).is_dir():
             mlflow.log_artifacts(str(out / folder), folder)

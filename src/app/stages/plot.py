@@ -110,7 +110,7 @@ def _limits_overlay(plt, grid, truth, keys, results_dir, names, path: Path) -> N
         ax.set_ylabel(names[1])
     ax.legend(fontsize=8)
     ax.set_title("Expected limits")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -139,7 +139,7 @@ def _pvalue_map(plt, grid, truth, key, results_dir, names, path: Path) -> None:
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
     ax.set_title(f"{key}: 68 % (solid) and 95 % (dashed) CL")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -163,7 +163,7 @@ def _training_curves(plt, meta: dict, path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_title(f"{meta['method']} ({meta['estimator']})")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -180,7 +180,7 @@ def _scatter(plt, joint, estimated, xlabel: str, ylabel: str, path: Path) -> Non
         ax.set_ylim(lo, hi)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -232,7 +232,7 @@ def _limits_vs_truth(plt, grid, truth, keys, results_dir, names, path: Path) -> 
         ax.set_ylabel(names[1])
     ax.legend(handles=handles, fontsize=8)
     ax.set_title("68 % CL: estimated vs true likelihood")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -255,6 +255,6 @@ def _hist2d(plt, true, estimated, xlabel: str, ylabel: str, title: str, path: Pa
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.15, right=0.96, bottom=0.11, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -63,14 +63,41 @@ class TolerantSweeper(BasicSweeper):
         initial_job_idx = 0
         while not self.is_done():
             batch = self.get_job_batch()
-            self.validate_batch_is_legal(batch)
-            try:
-                results = launch(batch, initial_job_idx=initial_job_idx)
-            except BudgetExceeded:
-                break
+            with _compose_once(self.hydra_context.config_loader, self.launcher):
+                self.validate_batch_is_legal(batch)
+                try:
+                    results = launch(batch, initial_job_idx=initial_job_idx)
+                except BudgetExceeded:
+                    break
             initial_job_idx += len(batch)
             returns.append(results)
         return returns
+
+
+@contextlib.contextmanager
+def _compose_once(config_loader, launcher):
+    """Hydra composes every job's config twice: once to validate the batch, once more in the launcher. With the
+    in-process launcher the launcher takes the validated config instead (each used once; about 0.15 s a job).
+    Launchers that compose in other processes (joblib, submitit) are left alone."""
+    if type(launcher).__name__ != "BasicLauncher" or "load_sweep_config" in vars(config_loader):
+        yield
+        return
+    load = config_loader.load_sweep_config
+    validated: dict = {}
+
+    def load_sweep_config(master_config, sweep_overrides):
+        key = (id(master_config), tuple(sweep_overrides))
+        if key in validated:
+            return validated.pop(key)  # the launcher's call: the config composed for validation, unused since
+        config = load(master_config, sweep_overrides)
+        validated[key] = config
+        return config
+
+    config_loader.load_sweep_config = load_sweep_config
+    try:
+        yield
+    finally:
+        del config_loader.load_sweep_config
 
 
 class TolerantOptunaSweeper(Sweeper):
