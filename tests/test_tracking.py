@@ -69,6 +69,15 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
     assert {a.path for a in c.list_artifacts(run.info.run_id, "hydra")} == {
         "hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"
     }
+    import json
+
+    import yaml
+
+    logged = Path(c.download_artifacts(run.info.run_id, "hydra", str(tmp_path / "logged")))
+    assert yaml.safe_load((logged / "config.yaml").read_text())["training"]["method"] == "alices"
+    assert "sampling.n_samples=600" in yaml.safe_load((logged / "overrides.yaml").read_text())
+    spent = json.loads((tmp_path / "run" / "run.json").read_text())["tracking_seconds"]  # bench/sweeps.py reads it
+    assert 0 < spent < 60
     assert "results/metrics.json" in {a.path for a in c.list_artifacts(run.info.run_id, "results")}
     model_files = {a.path for a in c.list_artifacts(run.info.run_id, "model")}
     assert "model/estimator_state_dict.pt" in model_files and "model/model.json" in model_files

@@ -161,6 +161,7 @@ class MLflowCallback(Callback):
     def on_job_start(self, config: DictConfig, *, task_function: Any = None, **kwargs: Any) -> None:
         if not _enabled(config):
             return
+        started = time.perf_counter()
         import mlflow
 
         from app import tracking
@@ -197,18 +198,24 @@ class MLflowCallback(Callback):
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
         tracking.log_params(c, run_id, tracking.flatten(tracking.redact(job_cfg)))
         tracking.set_tags(c, run_id, {**_job_tags(config, run_id), **tracking.process_tags()})
+        _active["tracking_seconds"] = time.perf_counter() - started
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if not _enabled(config) or not _active.get("run_id"):
             return
         from hydra.core.utils import JobStatus
 
+        started = time.perf_counter()
         run_id = _active["run_id"]
         failed = job_return.status == JobStatus.FAILED
         error = job_return._return_value if failed else None
         try:
             _log_job_results(config, run_id, job_return)
             end_active_run("FAILED" if failed else "FINISHED", error)
+            from app.io import update_json  # the job's own tracking time (bench/sweeps.py reads it)
+
+            spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
+            update_json(Path(config.hydra.runtime.output_dir) / "run.json", {"tracking_seconds": round(spent, 3)})
         except Exception as err:  # noqa: BLE001 - the store went away (retries exhausted): say so in one line
             from app import tracking
 
