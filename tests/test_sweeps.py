@@ -366,3 +366,27 @@ def test_in_process_grid_composes_each_job_config_once():
         loader.load_sweep_config(master, ["a=0"])
         loader.load_sweep_config(master, ["a=0"])
     assert loader.calls == 6
+
+
+def test_joblib_workers_started_early_are_the_ones_the_launcher_uses():
+    """app.sweep.StartWorkers starts the joblib launcher's workers (and their imports) when the sweep starts; the
+    launcher's own Parallel call, with the same arguments, must reuse them rather than start new ones."""
+    import os
+
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+    from joblib import Parallel, delayed
+    from omegaconf import OmegaConf
+
+    from app import sweep
+
+    config = OmegaConf.to_container(OmegaConf.structured(JobLibLauncherConf(n_jobs=2)))
+    kwargs = {k: v for k, v in config.items() if k != "_target_"}
+    futures = sweep.start_workers(kwargs, tracking=False)
+    warm = {future.result(timeout=300) for future in futures}
+    assert len(warm) == 2 and os.getpid() not in warm
+    cfg = dict(kwargs, backend="loky")
+    process_joblib_cfg(cfg)  # what hydra_joblib_launcher._core.launch does before its Parallel call
+    used = set(Parallel(**cfg)(delayed(os.getpid)() for _ in range(6)))
+    assert used <= warm
+    sweep.release_workers()

@@ -175,6 +175,8 @@ class MLflowCallback(Callback):
             if parent_file.exists():
                 parent = json.loads(parent_file.read_text())
                 parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
+                # the parent reached the store: ride out restarts, also in a worker started before that contact
+                tracking.ride_out_restarts()
         if parent_id is None and os.environ.get(PARENT_ENV):  # a step of the Yadage workflow (app.workflow)
             parent_id = os.environ[PARENT_ENV]
             experiment_id = tracking.client(uri).get_run(parent_id).info.experiment_id
