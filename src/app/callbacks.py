@@ -364,7 +364,7 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
     tracking.log_metrics(c, run_id, triples)
 
     with tempfile.TemporaryDirectory() as tmp:
-        import yaml  # plain YAML in and out (the files as Hydra saved them, interpolations as text): 4x OmegaConf's
+        import yaml  # plain YAML in and out (the files as Hydra saved them, interpolations as text): cheaper
 
         hydra_dir = out / ".hydra"
         loader, dumper = getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -99,7 +99,8 @@ class StartWorkers(Callback):
     job needs (Hydra, torch, MadMiner, MLflow, matplotlib) while the parent opens the MLflow store, creates the
     parent run and composes every job's config to validate the batch. The launcher's ``Parallel`` call then finds
     them (joblib reuses an executor created with the same arguments) and the first jobs start with warm imports:
-    about 4 s less per sweep on 2 cores. Anything unexpected only costs the warm-up, never the sweep."""
+    1.4–2.7 s less per 8-trial sweep on 2 cores (bench/sweeps.py, docs/performance.md). Anything unexpected only
+    costs the warm-up, never the sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from omegaconf import OmegaConf
@@ -132,18 +133,12 @@ def start_workers(joblib_kwargs: dict, tracking: bool = True) -> list:
 def warm_imports(tracking: bool) -> int:
     """What every job of this app imports, imported once per worker process ahead of its first job."""
     import importlib
-
-    import hydra._internal.core_plugins.basic_launcher  # noqa: F401
-    import torch  # noqa: F401
-
-    import app.main  # noqa: F401
-
-    for name in ("madminer.sampling", "madminer.ml", "madminer.limits", "madminer.fisherinformation",
-                 "matplotlib.pyplot", "app.stages.sample", "app.stages.train", "app.stages.evaluate",
-                 "app.stages.plot", *(("mlflow",) if tracking else ())):
-        importlib.import_module(name)
     import os
 
+    for name in ("app.main", "torch", "madminer.sampling", "madminer.ml", "madminer.limits",
+                 "madminer.fisherinformation", "matplotlib.pyplot", "app.stages.sample", "app.stages.train",
+                 "app.stages.evaluate", "app.stages.plot", *(("mlflow",) if tracking else ())):
+        importlib.import_module(name)
     return os.getpid()
 
 
