@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from app import tracking
 
 
@@ -50,3 +54,60 @@ def test_truncate_marks_long_values():
     out = tracking.truncate(value, 6000)
     assert len(out) == 6000 and out.endswith(tracking.TRUNCATED)
     assert tracking.truncate("short", 6000) == "short"
+
+
+def _serve(handler_delay: float):
+    """An HTTP server on a free port that answers MLflow's get-experiment-by-name after ``handler_delay`` s."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            time.sleep(handler_delay)
+            body = json.dumps({"experiment": {"experiment_id": "7", "name": "toy", "artifact_location": "/tmp/a",
+                                              "lifecycle_stage": "active"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _fresh_http_env(monkeypatch):
+    for name in {*tracking.HTTP_DEFAULTS, *tracking.HTTP_RIDE_OUT}:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking, "_SET_HERE", set())
+
+
+def test_a_busy_server_is_not_unreachable(monkeypatch):
+    """The CI failure of stop 14: eight joblib workers importing torch on 2 cores kept the MLflow server from
+    answering the parent's first request within the fast-fail timeout (5 s), and the sweep ended as
+    "unreachable". A server whose port accepts is there: its slow first answer (7 s here) is waited for."""
+    _fresh_http_env(monkeypatch)
+    server = _serve(7.0)
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        assert tracking.ensure_experiment(uri, "toy") == "7"
+    finally:
+        server.shutdown()
+
+
+def test_a_refused_port_fails_within_seconds(monkeypatch):
+    import socket
+
+    _fresh_http_env(monkeypatch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        start = time.time()
+        with pytest.raises(tracking.TrackingUnavailable, match=rf"unreachable \(cannot connect to 127.0.0.1:{port}"):
+            tracking.ensure_experiment(f"http://127.0.0.1:{port}", "toy")
+    assert time.time() - start < 3

@@ -32,8 +32,10 @@ BATCH = 100  # MLflow's per-request limit for params and tags
 
 # An unreachable server takes minutes with MLflow's default retries: the first contact fails within seconds ...
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-# ... and once the store has answered, jobs ride out a restart of the server: 5 retries with backoff 1, 2, 4, 8,
-# 16 s, each request at most 10 s (about 1.5 min in all), then the job fails with one line.
+CONNECT_TIMEOUT = 5.0  # seconds for the TCP probe that decides "unreachable"
+# ... and once the server's port accepts a connection, requests ride out a busy or restarting server: 5 retries
+# with backoff 1, 2, 4, 8, 16 s, each request at most 10 s (about 1.5 min in all), then the job fails with one line.
+# A server that is up but slow (a sweep's workers importing torch on the same 2 cores) is not "unreachable".
 HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
@@ -125,12 +127,42 @@ def ride_out_restarts() -> None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment id, created if needed; fails fast with one line if the store is unreachable."""
+    """The experiment id, created if needed; fails fast with one line if the store is unreachable.
+
+    For an HTTP server, "unreachable" means its port refuses or does not accept a TCP connection within
+    CONNECT_TIMEOUT: then the command fails within seconds. A port that accepts is a server that is there, maybe
+    busy, so the requests themselves already ride out slow answers (HTTP_RIDE_OUT)."""
     configure(uri)
+    if probe_server(uri):
+        ride_out_restarts()
     c = client(uri)
     experiment_id = _ensure_experiment(c, uri, name)
     ride_out_restarts()
     return experiment_id
+
+
+def probe_server(uri: str) -> bool:
+    """True when ``uri`` is an HTTP(S) server whose port accepts a TCP connection; raises TrackingUnavailable when
+    it refuses or times out. False (nothing probed) for other stores and where a proxy carries the requests."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    proxies = getproxies()
+    if proxies.get(parts.scheme) and not proxy_bypass(parts.hostname):
+        return False  # requests goes through the proxy: the first request decides, with HTTP_DEFAULTS
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise TrackingUnavailable(
+            f"MLflow tracking store {redact_text(uri)} is unreachable (cannot connect to {parts.hostname}:{port}: "
+            f"{err.strerror or type(err).__name__}); start the server, fix tracking.uri / MLFLOW_TRACKING_URI, "
+            "or run with tracking=local or tracking=disabled"
+        ) from None
+    return True
 
 
 def _ensure_experiment(c, uri: str, name: str) -> str:

@@ -135,7 +135,10 @@ def test_eight_concurrent_jobs_log_to_one_server(tmp_path, test_cache, server):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     c, runs = _runs(server.uri)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    said = [x for x in (proc.stdout + proc.stderr).splitlines() if "error" in x.lower() or "failed" in x.lower()]
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in runs), (
+        [(r.info.run_name, r.info.status, r.data.tags.get("error")) for r in runs if r.info.status != "FINISHED"],
+        said[-10:], (tmp_path / "server.log").read_text()[-1500:])
     assert sorted(float(r.data.params["training.alpha"]) for r in children) == [1, 2, 3, 4, 5, 6, 7, 8]
     n_params = {len(r.data.params) for r in children}
     assert len(n_params) == 1, n_params  # every job logged the same full set of params
