@@ -139,13 +139,12 @@ def test_physics_sample_alices_and_sally(run_app, tmp_path, physics_file):
 
 
 def test_help_and_cfg_do_not_import_heavy_modules():
-    code = (
-        "import runpy, sys\n"
+    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
+        "import atexit, runpy, sys\n"
         "sys.argv = ['app'] + sys.argv[1:]\n"
-        "try:\n    runpy.run_module('app', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules]\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
+        "atexit.register(lambda: print('HEAVY', [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules],"
+        " file=sys.stderr))\n"
+        "runpy.run_module('app', run_name='__main__')\n"
     )
     for args in (["--help"], ["--cfg", "job"], ["training=sally", "--cfg", "job"]):
         proc = subprocess.run(
@@ -161,19 +160,18 @@ def test_help_and_cfg_do_not_import_heavy_modules():
 
 
 def test_tracking_disabled_never_imports_mlflow(tmp_path, cache_dir):
-    code = (
-        "import runpy, sys\n"
+    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
+        "import atexit, runpy, sys\n"
         "sys.argv = ['app'] + sys.argv[1:]\n"
-        "try:\n    runpy.run_module('app', run_name='__main__')\n"
-        "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr)\n"
+        "atexit.register(lambda: print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr))\n"
+        "runpy.run_module('app', run_name='__main__')\n"
     )
     env = dict(__import__("os").environ, MADMINER_SWEEPER_CACHE=str(cache_dir))
     proc = subprocess.run(
         [sys.executable, "-c", code, "stage=sample", *TINY, "tracking=disabled", f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert "MLFLOW False" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "MLFLOW False" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "x_train.npy").exists()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 

@@ -111,3 +111,39 @@ def test_a_refused_port_fails_within_seconds(monkeypatch):
         with pytest.raises(tracking.TrackingUnavailable, match=rf"unreachable \(cannot connect to 127.0.0.1:{port}"):
             tracking.ensure_experiment(f"http://127.0.0.1:{port}", "toy")
     assert time.time() - start < 3
+
+
+def _fake_log_input(monkeypatch, errors):
+    import mlflow
+
+    calls = []
+
+    def log_input(dataset, context=None):
+        calls.append((dataset.name, dataset.digest, context))
+        if errors:
+            raise errors.pop(0)
+
+    monkeypatch.setattr(mlflow, "log_input", log_input)
+    return calls
+
+
+def test_the_dataset_insert_race_is_retried(monkeypatch, tmp_path):
+    """Eight jobs of a sweep logging the same event file at once: the store's look-up-then-insert races and all
+    but one job got `duplicate key value violates unique constraint "dataset_pk"` (CI, PostgreSQL-backed server),
+    which left that job's run RUNNING. The dataset exists by then: linking it again succeeds."""
+    from mlflow.exceptions import MlflowException
+
+    from app import callbacks
+
+    events = tmp_path / "events.h5"
+    events.write_bytes(b"x")
+    race = MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                           'constraint "dataset_pk"')
+    calls = _fake_log_input(monkeypatch, [race])
+    callbacks._log_dataset({"data_path": str(events), "data_sha256": "ab" * 32})
+    assert calls == [("events.h5", "ab" * 8, "events")] * 2
+
+    calls = _fake_log_input(monkeypatch, [MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")])
+    with pytest.raises(MlflowException, match="run gone"):  # anything else is not retried
+        callbacks._log_dataset({"data_path": str(events), "data_sha256": "ab" * 32})
+    assert len(calls) == 1

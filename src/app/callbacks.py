@@ -385,6 +385,9 @@ def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
         tracking.set_tags(c, run_id, {"registered_model": f"{name}/{model_version}"})
 
 
+DATASET_ATTEMPTS = 3
+
+
 def _log_dataset(run_info: dict) -> None:
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -399,7 +402,18 @@ def _log_dataset(run_info: dict) -> None:
         name=Path(path).name,
         digest=(run_info.get("data_sha256") or "")[:16] or None,
     )
-    mlflow.log_input(dataset, context="events")
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            mlflow.log_input(dataset, context="events")
+            return
+        except Exception as err:  # noqa: BLE001 - only the insert race is retried
+            # The store looks the dataset up, then inserts it: jobs logging the same event file at the same
+            # moment race, and all but one get a unique-key violation (PostgreSQL: "duplicate key value violates
+            # unique constraint dataset_pk"; sqlite: "UNIQUE constraint failed"). The row exists now: link again.
+            text = str(err).lower()
+            if attempt == DATASET_ATTEMPTS - 1 or not ("duplicate key" in text or "unique constraint" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _read(path: Path) -> dict | None:
