@@ -147,3 +147,8 @@ def test_the_dataset_insert_race_is_retried(monkeypatch, tmp_path):
     with pytest.raises(MlflowException, match="run gone"):  # anything else is not retried
         callbacks._log_dataset({"data_path": str(events), "data_sha256": "ab" * 32})
     assert len(calls) == 1
+
+
+def test_a_uri_without_a_valid_port_is_one_line():
+    with pytest.raises(tracking.TrackingUnavailable, match=r"unreachable \(no valid port in db:abc\)"):
+        tracking.probe_server("http://user:pw@db:abc")

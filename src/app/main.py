@@ -255,10 +255,11 @@ def exit_now(code: int | str | None) -> None:
     import atexit
     import threading
 
-    if isinstance(code, str):  # SystemExit("message"): printed and exit code 1, as Python does
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): printed, exit code 1, as Python does
         print(code, file=sys.stderr)
         code = 1
-    code = 0 if code is None else int(code)
     shutdown = getattr(threading, "_shutdown", None)
     profiled = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile writes its file after main
     full = os.environ.get("MADMINER_SWEEPER_FULL_EXIT", "") not in ("", "0")  # the ordinary exit, on request

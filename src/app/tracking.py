@@ -153,16 +153,23 @@ def probe_server(uri: str) -> bool:
     proxies = getproxies()
     if proxies.get(parts.scheme) and not proxy_bypass(parts.hostname):
         return False  # requests goes through the proxy: the first request decides, with HTTP_DEFAULTS
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # http://host:abc
+        raise unreachable(uri, f"no valid port in {parts.netloc.rsplit('@', 1)[-1]}") from None
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
     except OSError as err:
-        raise TrackingUnavailable(
-            f"MLflow tracking store {redact_text(uri)} is unreachable (cannot connect to {parts.hostname}:{port}: "
-            f"{err.strerror or type(err).__name__}); start the server, fix tracking.uri / MLFLOW_TRACKING_URI, "
-            "or run with tracking=local or tracking=disabled"
-        ) from None
+        raise unreachable(uri, f"cannot connect to {parts.hostname}:{port}: {err.strerror or type(err).__name__}") \
+            from None
     return True
+
+
+def unreachable(uri: str, why: str) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"MLflow tracking store {redact_text(uri)} is unreachable ({redact_text(why)[:200]}); start the server, "
+        "fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=local or tracking=disabled"
+    )
 
 
 def _ensure_experiment(c, uri: str, name: str) -> str:
@@ -180,10 +187,7 @@ def _ensure_experiment(c, uri: str, name: str) -> str:
             return experiment.experiment_id
     except Exception as err:  # noqa: BLE001 - any failure to reach the store is reported the same way
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingUnavailable(
-            f"MLflow tracking store {redact_text(uri)} is unreachable ({redact_text(first)[:200]}); start the server, "
-            "fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=local or tracking=disabled"
-        ) from None
+        raise unreachable(uri, first) from None
 
 
 def log_params(c, run_id: str, params: Mapping[str, str]) -> None:
