@@ -113,40 +113,40 @@ def test_a_refused_port_fails_within_seconds(monkeypatch):
     assert time.time() - start < 3
 
 
-def _fake_log_input(monkeypatch, errors):
-    import mlflow
+class _FakeClient:
+    """An MlflowClient whose ``log_inputs`` records the calls and raises the given errors first."""
 
-    calls = []
+    def __init__(self, errors):
+        self.errors, self.calls = errors, []
 
-    def log_input(dataset, context=None):
-        calls.append((dataset.name, dataset.digest, context))
-        if errors:
-            raise errors.pop(0)
+    def log_inputs(self, run_id, datasets=None, models=None):
+        (item,) = datasets
+        context = {t.key: t.value for t in item.tags}["mlflow.data.context"]
+        self.calls.append((run_id, item.dataset.name, item.dataset.digest, context))
+        if self.errors:
+            raise self.errors.pop(0)
 
-    monkeypatch.setattr(mlflow, "log_input", log_input)
-    return calls
 
-
-def test_the_dataset_insert_race_is_retried(monkeypatch, tmp_path):
+def test_the_dataset_insert_race_is_retried(tmp_path):
     """Eight jobs of a sweep logging the same event file at once: the store's look-up-then-insert races and all
     but one job got `duplicate key value violates unique constraint "dataset_pk"` (CI, PostgreSQL-backed server),
     which left that job's run RUNNING. The dataset exists by then: linking it again succeeds."""
     from mlflow.exceptions import MlflowException
 
-    from app import callbacks
+    from app import recorder
 
     events = tmp_path / "events.h5"
     events.write_bytes(b"x")
     race = MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
                            'constraint "dataset_pk"')
-    calls = _fake_log_input(monkeypatch, [race])
-    callbacks._log_dataset({"data_path": str(events), "data_sha256": "ab" * 32})
-    assert calls == [("events.h5", "ab" * 8, "events")] * 2
+    client = _FakeClient([race])
+    recorder._log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
+    assert client.calls == [("r1", "events.h5", "ab" * 8, "events")] * 2
 
-    calls = _fake_log_input(monkeypatch, [MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")])
+    client = _FakeClient([MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")])
     with pytest.raises(MlflowException, match="run gone"):  # anything else is not retried
-        callbacks._log_dataset({"data_path": str(events), "data_sha256": "ab" * 32})
-    assert len(calls) == 1
+        recorder._log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
+    assert len(client.calls) == 1
 
 
 def test_a_uri_without_a_valid_port_is_one_line():

@@ -8,7 +8,9 @@
   tags, then at its end the metrics, the event file as input dataset, and the artifacts;
 - the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING.
 
-Secrets are redacted before anything reaches MLflow. MLflow is imported lazily.
+The callback gathers what to record; :mod:`app.recorder` makes the MLflow calls, by default in a helper process
+(``tracking.background``) so that neither this process nor a joblib worker imports MLflow or waits for the store.
+Secrets are redacted before anything reaches MLflow.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ log = logging.getLogger("app.tracking")
 
 PARENT_FILE = ".mlflow_parent.json"
 PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
-_active: dict[str, Any] = {}  # the run this process is logging to: {"run_id", "uri"}
+_active: dict[str, Any] = {}  # the job run this process records: {"handle", "parent", "tracking_seconds"}
 
 
 def _tracking(config: DictConfig) -> tuple[str, str | None, str]:
@@ -53,15 +53,28 @@ def _fail(err: Exception) -> None:
     raise SystemExit(2)
 
 
+def _background(config: DictConfig) -> bool:
+    """The MLflow helper process (app.recorder) serves this process and joblib workers on the same machine; the
+    workers of other launchers (submitit: maybe other machines) make their calls themselves."""
+    if not config.tracking.get("background", True):
+        return False
+    if str(config.hydra.mode).endswith("MULTIRUN"):
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        return "joblib" in target or "BasicLauncher" in target
+    return True
+
+
 class MLflowCallback(Callback):
     def __init__(self) -> None:
-        self.experiment_id: str | None = None
-        self.parent: dict | None = None
-        self.config: DictConfig | None = None
+        self.parent: dict | None = None  # {"handle"} (helper) or {"run_id", "experiment_id"}
+        self.objective: dict = {}
+        self.register_model = False
 
     # ------------------------------------------------------------------ run / multirun
-    def _connect(self, config: DictConfig) -> str:
-        from app import tracking
+    def _start(self, config: DictConfig):
+        """Check the store (a TCP connect for a server: no MLflow import) and open it: in the helper process,
+        which imports MLflow meanwhile, or here."""
+        from app import recorder, tracking
 
         mode, uri, name = _tracking(config)
         if not uri:
@@ -69,170 +82,196 @@ class MLflowCallback(Callback):
                 f"tracking={mode} needs a tracking URI; set MLFLOW_TRACKING_URI or tracking.uri=..."
             ))
         try:
-            self.experiment_id = tracking.ensure_experiment(uri, name)
+            tracking.precheck(uri)
         except tracking.TrackingUnavailable as err:
             _fail(err)
-        try:  # runs left RUNNING by a process that died (kill -9, a lost node) end FAILED
-            for run_id in tracking.close_orphans(tracking.client(uri), self.experiment_id):
-                log.warning("closed orphaned run %s as FAILED (its process had died)", run_id)
-        except Exception as err:  # noqa: BLE001 - housekeeping must not stop the run
-            log.warning("could not look for orphaned runs: %s", err)
-        return uri
+        tracker = None
+        if _background(config):
+            try:
+                tracker = recorder.start(uri)
+            except Exception as err:  # noqa: BLE001 - the calls are then made here
+                log.warning("MLflow helper process not started (%s): tracking in this process", err)
+        if tracker is None:
+            tracker = recorder.Local()
+            try:
+                tracker.call("connect", uri=uri, experiment_name=name)
+            except tracking.TrackingUnavailable as err:
+                _fail(err)
+        else:
+            tracker.post("connect", uri=uri, experiment_name=name)
+            atexit.register(tracker.close)  # registered first, so it runs after the parent's closing below
+        recorder.set_current(tracker)
+        self.register_model = bool(config.tracking.register_model)
+        direction = config.objective.direction
+        self.objective = {"metric": config.objective.metric,
+                          "direction": None if direction is None else str(getattr(direction, "value", direction))}
+        return tracker
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _enabled(config):
-            self._connect(config)
+            self._start(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config):
             return
-        from app import tracking
+        from app import recorder, tracking
 
-        uri = self._connect(config)
+        tracker = self._start(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweeper = config.hydra.sweeper
         name = sweeper.get("study_name") if "study_name" in sweeper else None
         name = name or f"sweep-{sweep_dir.name}"
-        c = tracking.client(uri)
-        run = c.create_run(self.experiment_id, run_name=name,
-                           tags={"sweep_dir": str(sweep_dir), "kind": "sweep", **tracking.process_tags()})
-        tracking.set_tags(c, run.info.run_id, {"overrides": _typed(config.hydra.overrides.task)})
+        tags = {"sweep_dir": str(sweep_dir), "kind": "sweep", **tracking.process_tags(),
+                "overrides": _typed(config.hydra.overrides.task)}
         if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
-            tracking.set_tags(c, run.info.run_id, {
+            tags.update({
                 "optuna.study_name": sweeper.get("study_name"),
                 "optuna.storage": tracking.redact_text(str(sweeper.get("storage"))),
                 "optuna.n_trials": sweeper.get("n_trials"),
             })
-        self.parent = {"run_id": run.info.run_id, "experiment_id": self.experiment_id, "uri": uri}
-        self.config = config
+        handle = recorder.new_handle()
+        if tracker.remote:
+            tracker.post("start_parent", handle=handle, name=name, tags=tags)
+            self.parent = {"handle": handle}
+            shared = {"parent": self.parent, "recorder": tracker.share()}
+        else:
+            try:
+                run_id = tracker.call("start_parent", handle=handle, name=name, tags=tags)
+            except Exception as err:  # noqa: BLE001 - one line, as for an unreachable store
+                _fail(tracking.TrackingUnavailable(tracker.ops.describe("start_parent", {"handle": handle}, err)))
+            self.parent = {"run_id": run_id, "experiment_id": tracker.ops.experiment_id}
+            shared = {"parent": self.parent}
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        # the jobs need the ids only; the URI (maybe with user:password@) stays out of the sweep dir
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({k: v for k, v in self.parent.items() if k != "uri"}))
+        # the jobs need the ids (and the helper's socket and key) only; the URI, maybe with user:password@, stays out
+        parent_file = sweep_dir / PARENT_FILE
+        parent_file.touch(mode=0o600)
+        parent_file.write_text(json.dumps(shared))
         # Hydra skips on_multirun_end when a job's error or Ctrl-C ends the sweep: close the parent anyway.
         _watch_uncaught_exceptions()
         atexit.register(self._close_parent_at_exit)
-        log.info("MLflow parent run %s (%s) in %s", name, run.info.run_id, tracking.redact_text(uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config) or self.parent is None:
             return
-        from app import comparison, tracking
+        from app.sweep import FAILURES, STATE, TRACKING_ERRORS
 
-        c = tracking.client(self.parent["uri"])
-        try:
-            best = comparison.summarise_sweep(c, self.parent, config)
-            if best and config.tracking.register_model:
-                from app import registry
-
-                name = registry.alias_best(c, best)
-                if name:
-                    tracking.set_tags(c, self.parent["run_id"], {"best_model": f"models:/{name}@{registry.BEST_ALIAS}"})
-            status = "FINISHED"
-        except Exception as err:  # noqa: BLE001 - the sweep's summary must not leave the parent RUNNING
-            log.warning("sweep comparison failed: %s", err)
-            tracking.set_tags(c, self.parent["run_id"], {"error": str(err).splitlines()[0] if str(err) else "?"})
-            status = "FAILED"
-        from app.sweep import FAILURES, STATE
-
-        if FAILURES:
-            tracking.set_tags(c, self.parent["run_id"], {
-                "failed_jobs": "; ".join(f.line() for f in FAILURES), "stopped": STATE.get("stopped")})
-        c.set_terminated(self.parent["run_id"], status)
+        tracker, parent = _recorder(), self.parent
         self.parent = None
+        tracker.post("end_parent", parent=parent, register_model=self.register_model,
+                     failed_jobs="; ".join(f.line() for f in FAILURES) or None, stopped=STATE.get("stopped"),
+                     **self.objective)
+        for line in _flush(tracker):  # every job's calls were handed over before: their failures too
+            log.error("error: %s", line)
+            TRACKING_ERRORS.append(line)
 
     def _close_parent_at_exit(self) -> None:
         if self.parent is None:
             return
-        from app import comparison, tracking
-
-        killed = issubclass(_uncaught.get("type") or Exception, KeyboardInterrupt)
-        c = tracking.client(self.parent["uri"])
-        reason = "interrupted" if killed else "the sweep ended early: a job failed (see the FAILED child runs)"
-        try:
-            comparison.summarise_sweep(c, self.parent, self.config)
-        except Exception as err:  # noqa: BLE001 - best effort on the way out
-            log.warning("sweep comparison failed: %s", err)
-        tracking.set_tags(c, self.parent["run_id"], {"error": reason})
-        c.set_terminated(self.parent["run_id"], "KILLED" if killed else "FAILED")
+        tracker, parent = _recorder(), self.parent
         self.parent = None
+        killed = issubclass(_uncaught.get("type") or Exception, KeyboardInterrupt)
+        try:
+            tracker.post("end_parent", parent=parent, register_model=False, killed=killed, **self.objective)
+            for line in _flush(tracker):
+                log.error("error: %s", line)
+        except Exception as err:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not close the sweep's parent run: %s", err)
 
     # ------------------------------------------------------------------ jobs
     def on_job_start(self, config: DictConfig, *, task_function: Any = None, **kwargs: Any) -> None:
         if not _enabled(config):
             return
         started = time.perf_counter()
-        import mlflow
-
-        from app import tracking
+        from app import recorder, tracking
 
         _, uri, name = _tracking(config)
-        tracking.configure(uri)
         hydra = config.hydra
-        parent_id = None
+        tracker, parent = recorder.current(), self.parent
         if hydra.mode is not None and str(hydra.mode).endswith("MULTIRUN"):
             parent_file = Path(hydra.sweep.dir) / PARENT_FILE
             if parent_file.exists():
-                parent = json.loads(parent_file.read_text())
-                parent_id, experiment_id = parent["run_id"], parent["experiment_id"]
-                # the parent reached the store: ride out restarts, also in a worker started before that contact
-                tracking.ride_out_restarts()
-        if parent_id is None and os.environ.get(PARENT_ENV):  # a step of the Yadage workflow (app.workflow)
-            parent_id = os.environ[PARENT_ENV]
-            experiment_id = tracking.client(uri).get_run(parent_id).info.experiment_id
-        if parent_id is None:
-            experiment_id = self.experiment_id or tracking.ensure_experiment(uri, name)
-        env_run = os.environ.get("MLFLOW_RUN_ID")
-        if env_run:  # launched by `mlflow run`: log into its run, never a duplicate
-            run = mlflow.start_run(run_id=env_run)
-        else:
-            run = mlflow.start_run(
-                experiment_id=experiment_id, run_name=_run_name(config), parent_run_id=parent_id
-            )
-        run_id = run.info.run_id
-        _active.update(run_id=run_id, uri=uri, parent_id=parent_id)
-        # The pipeline records it as the producer of the stage outputs it caches (app.provenance).
-        from app.io import update_json
-
-        update_json(Path(hydra.runtime.output_dir) / "run.json", {"mlflow_run_id": run_id})
-        c = tracking.client(uri)
+                shared = json.loads(parent_file.read_text())
+                parent = shared["parent"]
+                if tracker is None:  # a worker process of the launcher
+                    tracker = recorder.connect(shared["recorder"]) if "recorder" in shared else recorder.Local()
+                    recorder.set_current(tracker)
+        if tracker is None:  # a job without a run or sweep start in this process
+            tracker = recorder.Local()
+            recorder.set_current(tracker)
         job_only = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
-        tracking.log_params(c, run_id, tracking.flatten(tracking.redact(job_cfg)))
-        tracking.set_tags(c, run_id, {**_job_tags(config, run_id), **tracking.process_tags()})
-        _active["tracking_seconds"] = time.perf_counter() - started
+        handle = recorder.new_handle()
+        out = Path(hydra.runtime.output_dir)
+        run_id = tracker.post(
+            "start_job", handle=handle, uri=uri, experiment_name=name, run_name=_run_name(config),
+            params=tracking.flatten(tracking.redact(job_cfg)), tags={**_job_tags(config), **tracking.process_tags()},
+            output_dir=str(out), start_time=int(time.time() * 1000), parent=parent,
+            parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"))
+        if not tracker.remote and run_id is None:  # the store failed here: one line, as at the job's end
+            _report(tracker, config)
+        _active.update(handle=handle, parent=parent, tracking_seconds=time.perf_counter() - started)
+        self.register_model = bool(config.tracking.register_model)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if not _enabled(config) or not _active.get("run_id"):
+        if not _enabled(config) or not _active.get("handle"):
             return
         from hydra.core.utils import JobStatus
 
+        from app.io import update_json
+
         started = time.perf_counter()
-        run_id = _active["run_id"]
+        tracker, handle = _recorder(), _active.pop("handle")
         failed = job_return.status == JobStatus.FAILED
-        error = job_return._return_value if failed else None
-        try:
-            _log_job_results(config, run_id, job_return)
-            end_active_run("FAILED" if failed else "FINISHED", error)
-            from app.io import update_json  # the job's own tracking time (bench/sweeps.py reads it)
+        value = getattr(job_return, "_return_value", None)
+        objective = value if isinstance(value, (int, float)) and not isinstance(value, bool) and not failed else None
+        job_num = OmegaConf.select(config, "hydra.job.num", default=0, throw_on_missing=False)
+        out = Path(config.hydra.runtime.output_dir)
+        # the job's own tracking time (bench/sweeps.py reads it); written before the helper may write run.json
+        spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
+        update_json(out / "run.json", {"tracking_seconds": round(spent, 3)})
+        tracker.post("finish_job", handle=handle, status="FAILED" if failed else "FINISHED",
+                     error=_error_line(value) if failed else None, register_model=bool(config.tracking.register_model),
+                     objective=objective, parent=_active.get("parent"), job_num=int(job_num or 0))
+        if not str(config.hydra.mode).endswith("MULTIRUN"):
+            _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
+        elif not tracker.remote:
+            for line in _flush(tracker):
+                log.error("error: %s", line)
 
-            spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
-            update_json(Path(config.hydra.runtime.output_dir) / "run.json", {"tracking_seconds": round(spent, 3)})
-        except Exception as err:  # noqa: BLE001 - the store went away (retries exhausted): say so in one line
-            from app import tracking
 
-            _active.pop("run_id", None)
-            first = tracking.redact_text(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
-            message = (
-                f"MLflow tracking store unreachable while recording run {run_id} ({first[:200]}); the job's outputs "
-                f"are in {config.hydra.runtime.output_dir}; once the store is back, `python -m app.tracking "
-                "close-orphans` (or the next run) closes the run as FAILED"
-            )
-            if str(config.hydra.mode).endswith("MULTIRUN"):
-                log.error("error: %s", message)
-                return
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2) from None
+def _recorder():
+    from app import recorder
+
+    return recorder.current()
+
+
+def _flush(tracker) -> list[str]:
+    """Wait for every call handed over so far; the one-line failures among them."""
+    try:
+        return tracker.call("flush")["errors"]
+    except Exception as err:  # noqa: BLE001 - the helper itself is gone
+        return [str(err)]
+
+
+def _report(tracker, config: DictConfig) -> None:
+    """A run (not a sweep): the first failed call ends the command with one line and exit code 2."""
+    errors = _flush(tracker)
+    if not errors:
+        return
+    if str(config.hydra.mode).endswith("MULTIRUN"):
+        for line in errors:
+            log.error("error: %s", line)
+        return
+    print(f"error: {errors[0]}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {first}"
 
 
 _uncaught: dict[str, Any] = {}
@@ -250,23 +289,14 @@ def _watch_uncaught_exceptions() -> None:
 
 
 def end_active_run(status: str, error: BaseException | None = None) -> None:
-    """End this process's job run; also called by the task wrapper on Ctrl-C and on bad input."""
-    run_id = _active.pop("run_id", None)
-    if run_id is None:
+    """End this process's job run; called by the task wrapper on Ctrl-C and on bad input (which skip on_job_end)."""
+    handle = _active.pop("handle", None)
+    tracker = _recorder()
+    if handle is None or tracker is None:
         return
-    import mlflow
-
-    from app import tracking
-
-    c = tracking.client(_active["uri"])
-    if error is not None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        tracking.set_tags(c, run_id, {"error": f"{type(error).__name__}: {first}"})
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        mlflow.end_run(status)
-    else:
-        c.set_terminated(run_id, status)
+    tracker.post("end_run", handle=handle, status=status, error=_error_line(error))
+    for line in _flush(tracker):
+        log.error("error: %s", line)
 
 
 def _run_name(config: DictConfig) -> str:
@@ -284,7 +314,7 @@ def _typed(task) -> str:
     return " ".join(OmegaConf.to_container(task, resolve=False))
 
 
-def _job_tags(config: DictConfig, run_id: str) -> dict:
+def _job_tags(config: DictConfig) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     hydra = config.hydra
@@ -313,6 +343,14 @@ def _job_tags(config: DictConfig, run_id: str) -> dict:
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if not os.environ.get("MLFLOW_RUN_ID"):  # what mlflow.start_run would add (`mlflow run` has added them)
+        import getpass
+
+        try:
+            tags["mlflow.user"] = getpass.getuser()
+        except (KeyError, OSError):
+            pass
+        tags.update({"mlflow.source.name": sys.argv[0], "mlflow.source.type": "LOCAL"})
     return tags
 
 
@@ -327,97 +365,3 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
-
-
-def _log_job_results(config: DictConfig, run_id: str, job_return: Any) -> None:
-    import mlflow
-
-    from app import tracking
-
-    c = tracking.client(_active["uri"])
-    out = Path(config.hydra.runtime.output_dir)
-    run_info = _read(out / "run.json") or {}
-    tags = {f"reused.{k}": str(v).lower() for k, v in run_info.get("reused", {}).items()}
-    for stage, record in (run_info.get("cache") or {}).items():  # cache.sample.key, .status, .source, ...
-        tags.update({f"cache.{stage}.{k}": v for k, v in record.items()})
-    if run_info.get("data_path"):
-        tags.update({"data.path": run_info["data_path"], "data.sha256": run_info.get("data_sha256")})
-        _log_dataset(run_info)
-    tracking.set_tags(c, run_id, tags)
-
-    objective = run_info.get("objective") or {}
-    tracking.set_tags(c, run_id, {f"objective.{k}": v for k, v in objective.items()})
-    metrics = _read(out / "results" / "metrics.json") or {}
-    triples = []
-    for entry in metrics.get("loss_history", []):  # the totals and every loss term, per epoch
-        for key, value in entry.items():
-            if key.startswith(("train_", "val_")) and isinstance(value, (int, float)):
-                triples.append((f"epoch_{key}", value, entry["epoch"]))
-    triples += [(k, v, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    value = getattr(job_return, "_return_value", None)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        triples.append(("objective", value, 0))
-        parent_id = _active.get("parent_id")
-        if parent_id:  # the parent's chart of the objective per trial (step = job number)
-            job_num = OmegaConf.select(config, "hydra.job.num", default=0)
-            tracking.log_metrics(c, parent_id, [("objective", value, int(job_num or 0))])
-    tracking.log_metrics(c, run_id, triples)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        import yaml  # plain YAML in and out (the files as Hydra saved them, interpolations as text): cheaper
-
-        hydra_dir = out / ".hydra"
-        loader, dumper = getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-            if (hydra_dir / name).exists():
-                content = yaml.load((hydra_dir / name).read_text(), Loader=loader)
-                (Path(tmp) / name).write_text(yaml.dump(tracking.redact(content), Dumper=dumper, sort_keys=False))
-        if any(Path(tmp).iterdir()):
-            c.log_artifacts(run_id, tmp, "hydra")
-    for folder in ("results", "plots", "model"):
-        if (out / folder).is_dir():
-            mlflow.log_artifacts(str(out / folder), folder)
-    trained_here = not run_info.get("reused", {}).get("model", True)
-    if config.tracking.register_model and trained_here and (out / "model" / "model.json").exists():
-        from app import registry
-
-        name, model_version = registry.log_and_register(out / "model")
-        tracking.set_tags(c, run_id, {"registered_model": f"{name}/{model_version}"})
-
-
-DATASET_ATTEMPTS = 3
-
-
-def _log_dataset(run_info: dict) -> None:
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    path = run_info["data_path"]
-    with warnings.catch_warnings():  # MLflow warns that a local path matches two equivalent source types
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(str(Path(path).resolve()))
-    dataset = MetaDataset(
-        source=source,
-        name=Path(path).name,
-        digest=(run_info.get("data_sha256") or "")[:16] or None,
-    )
-    for attempt in range(DATASET_ATTEMPTS):
-        try:
-            mlflow.log_input(dataset, context="events")
-            return
-        except Exception as err:  # noqa: BLE001 - only the insert race is retried
-            # The store looks the dataset up, then inserts it: jobs logging the same event file at the same
-            # moment race, and all but one get a unique-key violation (PostgreSQL: "duplicate key value violates
-            # unique constraint dataset_pk"; sqlite: "UNIQUE constraint failed"). The row exists now: link again.
-            text = str(err).lower()
-            if attempt == DATASET_ATTEMPTS - 1 or not ("duplicate key" in text or "unique constraint" in text):
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

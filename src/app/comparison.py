@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 
 from app.stats import CL68_P_VALUE
 
@@ -21,16 +20,15 @@ def children(c, parent: dict) -> list:
     )
 
 
-def summarise_sweep(c, parent: dict, config: DictConfig) -> str | None:
-    """Log the comparison artifacts and best-child tags on the parent; returns the best child's run id."""
+def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) -> str | None:
+    """Log the comparison artifacts and best-child tags on the parent; returns the best child's run id.
+
+    ``metric`` / ``direction``: the sweep's ``objective`` (null: each child's own default, its method's loss term)."""
     from app import tracking
 
     runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
     if not runs:
         raise RuntimeError("the sweep has no child runs")
-    metric = config.objective.metric  # null: each child's own default (its method's loss term)
-    direction = config.objective.direction
-    direction = None if direction is None else str(getattr(direction, "value", direction))
     param_keys = sorted({k for r in runs for k in r.data.params})
     varied = [k for k in param_keys if len({r.data.params.get(k) for r in runs}) > 1]
     metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("epoch_")})

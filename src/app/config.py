@@ -202,6 +202,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment_name: str = "madminer-sweeper"
     register_model: bool = False
+    background: bool = True  # MLflow calls in a helper process, off the jobs' critical path (app.recorder)
 
 
 # --------------------------------------------------------------------------- top level

@@ -55,11 +55,18 @@ def read_json(path: str | Path) -> Any:
 
 
 def update_json(target: str | Path, data: dict) -> dict:
-    """Merge ``data`` into the JSON object at ``target`` (created if missing), atomically."""
+    """Merge ``data`` into the JSON object at ``target`` (created if missing), atomically. Two processes may update
+    the same file (a job and the MLflow helper, :mod:`app.recorder`, both write its ``run.json``): a lock file next
+    to it keeps either update from being lost."""
+    import fcntl
+
     target = Path(target)
-    merged = read_json(target) if target.exists() else {}
-    merged.update(data)
-    write_json(target, merged)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = read_json(target) if target.exists() else {}
+        merged.update(data)
+        write_json(target, merged)
     return merged
 
 

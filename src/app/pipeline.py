@@ -214,7 +214,7 @@ class _Stages:
         found = provenance.check_given(stage, folder, self.configs, self.digest, self.method)
         self.keys[stage] = found.get("key") or f"given:{folder}"
         self.record[stage] = {"key": self.keys[stage], "status": "given", "source": str(folder),
-                              "source_run": (found.get("produced_by") or {}).get("mlflow_run_id")}
+                              "source_run": provenance.source_run(found.get("produced_by"))}
         return folder
 
     def produce(self, stage: str, build) -> Path:
@@ -238,7 +238,7 @@ class _Stages:
             cache.write_manifest(tmp, entry.meta)
         source = entry.meta.get("produced_by") or {}
         self.record[stage] = {"key": key, "status": "reused" if reused else "computed",
-                              "source": source.get("output_dir"), "source_run": source.get("mlflow_run_id")}
+                              "source": source.get("output_dir"), "source_run": provenance.source_run(source)}
         if reused:
             log.info("stage %-8s reused from the cache (key %s, made by %s)", stage, key[:12],
                      source.get("output_dir", "?"))

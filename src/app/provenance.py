@@ -96,3 +96,20 @@ def _first_difference(theirs: Any, ours: Any, prefix: str = "") -> tuple[str, An
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value).replace(" ", "")
+
+
+def source_run(produced_by: dict | None) -> str | None:
+    """The MLflow run that produced a stage output: recorded with it, or, when that job's run did not exist yet (the
+    helper of :mod:`app.recorder` creates runs in the background), read from the producing job's ``run.json``."""
+    produced_by = produced_by or {}
+    if produced_by.get("mlflow_run_id"):
+        return produced_by["mlflow_run_id"]
+    folder = produced_by.get("output_dir")
+    if not folder:
+        return None
+    try:
+        import json
+
+        return json.loads((Path(folder) / "run.json").read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -36,6 +36,7 @@ class Failure:
 
 FAILURES: list[Failure] = []  # failed jobs of this process's sweep (the sweeper and the callbacks share it)
 STATE: dict[str, Any] = {"launched": 0, "stopped": None}
+TRACKING_ERRORS: list[str] = []  # MLflow calls of the sweep that failed for good (app.callbacks), one line each
 
 
 class BudgetExceeded(Exception):
@@ -109,8 +110,11 @@ class StartWorkers(Callback):
         if launcher is None or "joblib" not in str(launcher.get("_target_", "")):
             return
         try:
+            # with the MLflow helper (tracking.background) the workers never import MLflow
+            tracking = OmegaConf.select(config, "tracking.mode", default="disabled") != "disabled" and \
+                not OmegaConf.select(config, "tracking.background", default=True)
             start_workers({k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items() if k != "_target_"},
-                          tracking=OmegaConf.select(config, "tracking.mode", default="disabled") != "disabled")
+                          tracking=tracking)
         except Exception as err:  # noqa: BLE001 - an optimisation: the launcher starts its workers itself
             log.debug("could not start the joblib workers early: %s", err)
 
@@ -158,7 +162,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         release_workers()
-        if not FAILURES:
+        if not FAILURES and not TRACKING_ERRORS:
             return
         sys.stdout.flush()
         launched = STATE["launched"]
@@ -167,5 +171,7 @@ class SweepReport(Callback):
         summary = f"{len(FAILURES)} of {launched} jobs failed"
         if STATE["stopped"]:
             summary += f"; {STATE['stopped']}"
+        if TRACKING_ERRORS:  # the jobs' work is done, but MLflow lacks what they did
+            summary += f"; {len(TRACKING_ERRORS)} MLflow call(s) failed (the lines above)"
         print(f"error: {summary} (outputs: {config.hydra.sweep.dir})", file=sys.stderr)
         raise SystemExit(1)

@@ -102,11 +102,16 @@ def truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
 
 
-def configure(uri: str) -> None:
+def set_http_defaults() -> None:
+    """Fail fast until the store answered (HTTP_DEFAULTS), unless the user chose; the MLflow helper inherits them."""
     for name, default in HTTP_DEFAULTS.items():
         if name not in os.environ:
             os.environ[name] = default
             _SET_HERE.add(name)
+
+
+def configure(uri: str) -> None:
+    set_http_defaults()
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -135,10 +140,46 @@ def ensure_experiment(uri: str, name: str) -> str:
     configure(uri)
     if probe_server(uri):
         ride_out_restarts()
-    c = client(uri)
+    try:
+        c = client(uri)  # a database store connects here (a wrong database name, password, ...)
+    except Exception as err:  # noqa: BLE001 - reported like any other failure to reach the store
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise unreachable(uri, first) from None
     experiment_id = _ensure_experiment(c, uri, name)
     ride_out_restarts()
     return experiment_id
+
+
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def precheck(uri: str) -> None:
+    """What can be checked before the jobs start without importing MLflow (which the helper process of
+    :mod:`app.recorder` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
+    database's folder exists and is writable. Raises TrackingUnavailable with the one line to report."""
+    from urllib.parse import urlsplit
+
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            folder = os.path.dirname(path) or "."
+            if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+                raise unreachable(uri, f"no writable folder {folder} for the database file")
+    elif scheme in DB_PORTS:
+        parts = urlsplit(uri)
+        try:
+            port = parts.port or DB_PORTS[scheme]
+        except ValueError:
+            raise unreachable(uri, f"no valid port in {parts.netloc.rsplit('@', 1)[-1]}") from None
+        if parts.hostname:
+            try:
+                socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
+            except OSError as err:
+                raise unreachable(uri, f"cannot connect to {parts.hostname}:{port}: "
+                                       f"{err.strerror or type(err).__name__}") from None
+    else:
+        probe_server(uri)
 
 
 def probe_server(uri: str) -> bool:

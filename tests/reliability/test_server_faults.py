@@ -62,6 +62,14 @@ def _runs(uri: str):
     return c, c.search_runs([c.get_experiment_by_name("madminer-sweeper").experiment_id], max_results=100)
 
 
+def _n_runs(uri: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    experiment = c.get_experiment_by_name("madminer-sweeper")
+    return 0 if experiment is None else len(c.search_runs([experiment.experiment_id]))
+
+
 @pytest.mark.slow
 def test_a_server_restart_during_a_sweep_loses_nothing(tmp_path, test_cache, server):
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), MLFLOW_TRACKING_URI=server.uri,
@@ -95,14 +103,21 @@ def test_a_server_that_stays_down_fails_the_job_in_one_line_and_the_run_is_close
         tmp_path, test_cache, server):
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), MLFLOW_TRACKING_URI=server.uri,
                PYTHONUNBUFFERED="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", *TINY, "tracking=server", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(  # training long enough for the stop to fall inside the job
+        [sys.executable, "-m", "app", *TINY, "training.n_epochs=40", "tracking=server",
+         f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     seen = []
-    for line in proc.stdout:  # the run exists on the server; stop it for good while the job samples
+    for line in proc.stdout:
         seen.append(line)
         if "stage data " in line:
             break
+    # the MLflow helper (app.recorder) creates the run in the background: once it exists, stop the server for good
+    deadline = time.time() + 120
+    while not _n_runs(server.uri):
+        assert time.time() < deadline and proc.poll() is None, "the run was never created"
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before the server stopped"
     server.stop()
     stdout, stderr = proc.communicate(timeout=600)
     stdout = "".join(seen) + stdout

@@ -1,0 +1,149 @@
+"""The MLflow helper process (app.recorder): jobs hand it their records and never import MLflow; it makes the calls
+in order, reports a failed call in one line, and ends with the command, even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+
+def _runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    experiment = c.get_experiment_by_name("madminer-sweeper")
+    return c, ([] if experiment is None else c.search_runs([experiment.experiment_id], max_results=100))
+
+
+def _alive(pid: str) -> bool:
+    try:  # a zombie (ended, not yet reaped by init) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_tracked_run_never_imports_mlflow_in_its_process(tmp_path, test_cache):
+    """The job's process hands everything to the helper; with tracking.background=false it imports MLflow itself."""
+    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
+        "import atexit, runpy, sys\n"
+        "sys.argv = ['app'] + sys.argv[1:]\n"
+        "atexit.register(lambda: print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr))\n"
+        "runpy.run_module('app', run_name='__main__')\n"
+    )
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for background, imported in (("true", False), ("false", True)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "stage=sample", *TINY, "tracking=local", f"tracking.uri={uri}",
+             f"tracking.background={background}", f"hydra.run.dir={tmp_path}/run-{background}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0 and f"MLFLOW {imported}" in proc.stderr, proc.stderr[-3000:]
+    c, runs = _runs(uri)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    for run in runs:  # the same record either way
+        assert run.data.params["sampling.n_samples"] == "600" and run.data.tags["data"] == "toy"
+        run_json = json.loads((Path(run.data.tags["output_dir"]) / "run.json").read_text())
+        assert run_json["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["cache.sample.status"] in ("computed", "reused")
+    assert {r.data.params["tracking.background"] for r in runs} == {"true", "false"}
+
+
+def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
+    from app import recorder
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    (out / "results").mkdir()
+    (out / "results" / "metrics.json").write_text('{"limits_cl68_area": 1.5}')
+    tracker = recorder.start(uri)
+    try:
+        tracker.post("connect", uri=uri, experiment_name="madminer-sweeper")
+        tracker.post("start_parent", handle="p", name="sweep", tags={"sweep_dir": str(tmp_path)})
+        common = dict(uri=uri, experiment_name="madminer-sweeper", params={"training.method": "alices", "training.alpha": "1"}, tags={"t": "x"},
+                      output_dir=str(out), start_time=int(time.time() * 1000))
+        tracker.post("start_job", handle="j1", run_name="job-1", parent={"handle": "p"}, **common)
+        tracker.post("finish_job", handle="j1", status="FINISHED", error=None, register_model=False,
+                     objective=0.5, parent={"handle": "p"}, job_num=0)
+        # a parent that was never created: that job's creation fails, and its later calls add no second line
+        tracker.post("start_job", handle="j2", run_name="job-2", parent={"handle": "nope"}, **common)
+        tracker.post("finish_job", handle="j2", status="FINISHED", error=None, register_model=False)
+        flushed = tracker.call("flush")
+        tracker.post("end_parent", parent={"handle": "p"}, metric="limits_cl68_area", direction=None,
+                     register_model=False)
+        assert tracker.call("flush")["errors"] == []
+    finally:
+        tracker.close()
+    assert tracker.proc.returncode == 0  # the helper ended with the connection
+    assert len(flushed["errors"]) == 1 and "while recording a job's run" in flushed["errors"][0]
+    assert str(out) in flushed["errors"][0] and set(flushed["runs"]) == {"p", "j1"}
+    c, runs = _runs(uri)
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"sweep", "job-1"}
+    assert by_name["job-1"].data.tags["mlflow.parentRunId"] == by_name["sweep"].info.run_id
+    assert by_name["job-1"].info.status == by_name["sweep"].info.status == "FINISHED"
+    assert by_name["job-1"].data.metrics["objective"] == 0.5 and by_name["job-1"].data.metrics["limits_cl68_area"] == 1.5
+    assert [m.value for m in c.get_metric_history(by_name["sweep"].info.run_id, "objective")] == [0.5]
+    assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == flushed["runs"]["j1"]
+    assert by_name["sweep"].data.tags["best_run_name"] == "job-1"
+
+
+def test_a_store_that_cannot_be_opened_is_reported_once(tmp_path):
+    from app import recorder
+
+    (tmp_path / "afile").write_text("")
+    uri = f"sqlite:///{tmp_path}/afile/mlflow.db"  # a file where the database's folder should be
+    tracker = recorder.start(uri)
+    try:
+        tracker.post("connect", uri=uri, experiment_name="madminer-sweeper")
+        tracker.post("start_job", handle="j", uri=uri, experiment_name="madminer-sweeper", run_name="j", params={},
+                     tags={}, output_dir=str(tmp_path), start_time=0)
+        tracker.post("finish_job", handle="j", status="FINISHED", error=None, register_model=False)
+        errors = tracker.call("flush")["errors"]
+    finally:
+        tracker.close()
+    assert len(errors) == 1 and "is unreachable" in errors[0] and "afile" in errors[0], errors
+
+
+@pytest.mark.slow
+def test_the_helper_ends_with_a_killed_command(tmp_path, test_cache):
+    """kill -9 of the command: the helper makes the calls it was handed and ends (no process holds the console's
+    pipes); the run it created stays RUNNING until the next run closes it as an orphan."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "app", *TINY, "training.n_epochs=500", "sampling.n_samples=4000",
+           "tracking=local", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        if "epoch   3/500" in line or time.time() > deadline:
+            break
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    helpers = [pid for pid in children if b"app.recorder" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(helpers) == 1, children
+    while not _runs(uri)[1]:  # the helper creates the run in the background
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    start = time.time()
+    proc.stdout.read()  # EOF once no process holds the pipe: the helper has ended too
+    assert time.time() - start < 60 and not _alive(helpers[0])
+    assert [r.info.status for r in _runs(uri)[1]] == ["RUNNING"]
+    again = subprocess.run([*cmd[:3], *TINY, "stage=sample", "tracking=local", f"tracking.uri={uri}",
+                            f"hydra.run.dir={tmp_path}/again"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "closed orphaned run" in again.stdout + again.stderr
+    statuses = sorted((r.info.run_name.startswith("alices"), r.info.status) for r in _runs(uri)[1])
+    assert [s for _, s in statuses] == ["FAILED", "FINISHED"], statuses
