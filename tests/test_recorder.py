@@ -70,8 +70,8 @@ def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
     try:
         tracker.post("connect", uri=uri, experiment_name="madminer-sweeper")
         tracker.post("start_parent", handle="p", name="sweep", tags={"sweep_dir": str(tmp_path)})
-        common = dict(uri=uri, experiment_name="madminer-sweeper", params={"training.method": "alices", "training.alpha": "1"}, tags={"t": "x"},
-                      output_dir=str(out), start_time=int(time.time() * 1000))
+        common = dict(uri=uri, experiment_name="madminer-sweeper", tags={"t": "x"}, output_dir=str(out),
+                      params={"training.method": "alices", "training.alpha": "1"}, start_time=int(time.time() * 1000))
         tracker.post("start_job", handle="j1", run_name="job-1", parent={"handle": "p"}, **common)
         tracker.post("finish_job", handle="j1", status="FINISHED", error=None, register_model=False,
                      objective=0.5, parent={"handle": "p"}, job_num=0)
@@ -92,7 +92,8 @@ def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
     assert set(by_name) == {"sweep", "job-1"}
     assert by_name["job-1"].data.tags["mlflow.parentRunId"] == by_name["sweep"].info.run_id
     assert by_name["job-1"].info.status == by_name["sweep"].info.status == "FINISHED"
-    assert by_name["job-1"].data.metrics["objective"] == 0.5 and by_name["job-1"].data.metrics["limits_cl68_area"] == 1.5
+    metrics = by_name["job-1"].data.metrics
+    assert metrics["objective"] == 0.5 and metrics["limits_cl68_area"] == 1.5
     assert [m.value for m in c.get_metric_history(by_name["sweep"].info.run_id, "objective")] == [0.5]
     assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == flushed["runs"]["j1"]
     assert by_name["sweep"].data.tags["best_run_name"] == "job-1"
