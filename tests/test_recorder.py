@@ -148,3 +148,16 @@ def test_the_helper_ends_with_a_killed_command(tmp_path, test_cache):
     assert "closed orphaned run" in again.stdout + again.stderr
     statuses = sorted((r.info.run_name.startswith("alices"), r.info.status) for r in _runs(uri)[1])
     assert [s for _, s in statuses] == ["FAILED", "FINISHED"], statuses
+
+
+def test_a_sweep_whose_store_fails_lists_it_and_exits_1(run_app, tmp_path):
+    """The jobs' work is done, but MLflow holds none of it: the sweep says so in its summary, exit code 1."""
+    (tmp_path / "adir").mkdir()  # a folder where the database file should be: the port/folder precheck passes
+    proc = run_app("-m", *TINY, "stage=sample", "training.alpha=1,2", "tracking=local",
+                   f"tracking.uri=sqlite:///{tmp_path}/adir", f"hydra.sweep.dir={tmp_path}/sw", check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if "error: MLflow tracking store" in line]
+    assert len(errors) == 1 and "is unreachable" in errors[0], out[-3000:]
+    assert "0 of 2 jobs failed; 1 MLflow call(s) failed" in out and "Traceback" not in out
+    assert all((tmp_path / "sw" / str(i) / "samples" / "x_train.npy").exists() for i in (0, 1))

@@ -390,3 +390,37 @@ def test_joblib_workers_started_early_are_the_ones_the_launcher_uses():
     used = set(Parallel(**cfg)(delayed(os.getpid)() for _ in range(6)))
     assert used <= warm
     sweep.release_workers()
+
+
+def test_jobs_composed_from_kept_group_choices_equal_hydras_own(tmp_path):
+    """app.main keeps the defaults list and the merged config per set of group choices: every job's config, values
+    and group choices alike, in any order, must be exactly what Hydra composes on its own."""
+    script = (
+        "import json, os, sys\n"
+        "import app.main\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "jobs = [['training.alpha=2'], ['training=sally'], ['training=sally', 'training.alpha=3'],\n"
+        "        ['training.alpha=5', 'sampling.n_samples=700'], ['training.alpha=2'], ['+experiment=quickstart'],\n"
+        "        ['training=sally', 'hydra/launcher=joblib'], ['tracking=disabled', 'training.alpha=7']]\n"
+        "out = []\n"
+        "with initialize_config_dir(config_dir=app.main.config_dir(), version_base='1.3'):\n"
+        "    for overrides in jobs:\n"
+        "        cfg = compose(config_name='config', overrides=overrides, return_hydra_config=True)\n"
+        "        cfg.hydra.runtime.cwd = ''\n"
+        "        out.append(OmegaConf.to_yaml(cfg))\n"
+        "import hydra._internal.config_loader_impl as impl\n"
+        "print(json.dumps({'kept': getattr(impl, '_madminer_sweeper', False), 'configs': out}))\n"
+    )
+    results = {}
+    for mode in ("plain", "kept"):
+        env = dict(os.environ, MADMINER_SWEEPER_HYDRA_COMPOSE=mode)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["kept"]["kept"] and not results["plain"]["kept"]
+    plain, kept = results["plain"]["configs"], results["kept"]["configs"]
+    assert "alpha: 2.0" in plain[0] and "alpha: 3.0" in plain[2] and "method: sally" in plain[2]
+    for i, (a, b) in enumerate(zip(plain, kept)):
+        assert a == b, f"job {i} differs"
