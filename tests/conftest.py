@@ -136,3 +136,14 @@ def mlflow_server(tmp_path, postgres_db):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def app_checked_at_exit(check: str) -> str:
+    """``python -c`` code that runs ``python -m app ARGS`` and prints the expression ``check`` to stderr at exit
+    (app.main.exit_now runs the atexit handlers, then ends the process)."""
+    return (
+        "import atexit, runpy, sys\n"
+        "sys.argv = ['app'] + sys.argv[1:]\n"
+        f"atexit.register(lambda: print({check}, file=sys.stderr))\n"
+        "runpy.run_module('app', run_name='__main__')\n"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, app_checked_at_exit
 
 RATIO_FILES = {"x", "theta0", "theta1", "y", "r_xz", "t_xz"}
 
@@ -139,13 +139,7 @@ def test_physics_sample_alices_and_sally(run_app, tmp_path, physics_file):
 
 
 def test_help_and_cfg_do_not_import_heavy_modules():
-    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
-        "import atexit, runpy, sys\n"
-        "sys.argv = ['app'] + sys.argv[1:]\n"
-        "atexit.register(lambda: print('HEAVY', [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules],"
-        " file=sys.stderr))\n"
-        "runpy.run_module('app', run_name='__main__')\n"
-    )
+    code = app_checked_at_exit("'HEAVY', [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules]")
     for args in (["--help"], ["--cfg", "job"], ["training=sally", "--cfg", "job"]):
         proc = subprocess.run(
             [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
@@ -160,12 +154,7 @@ def test_help_and_cfg_do_not_import_heavy_modules():
 
 
 def test_tracking_disabled_never_imports_mlflow(tmp_path, cache_dir):
-    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
-        "import atexit, runpy, sys\n"
-        "sys.argv = ['app'] + sys.argv[1:]\n"
-        "atexit.register(lambda: print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr))\n"
-        "runpy.run_module('app', run_name='__main__')\n"
-    )
+    code = app_checked_at_exit("'MLFLOW', 'mlflow' in sys.modules")
     env = dict(__import__("os").environ, MADMINER_SWEEPER_CACHE=str(cache_dir))
     proc = subprocess.run(
         [sys.executable, "-c", code, "stage=sample", *TINY, "tracking=disabled", f"hydra.run.dir={tmp_path}/run"],

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, app_checked_at_exit
 
 
 def _runs(uri: str):
@@ -32,12 +32,7 @@ def _alive(pid: str) -> bool:
 
 def test_a_tracked_run_never_imports_mlflow_in_its_process(tmp_path, test_cache):
     """The job's process hands everything to the helper; with tracking.background=false it imports MLflow itself."""
-    code = (  # checked at exit (app.main.exit_now runs the atexit handlers, then ends the process)
-        "import atexit, runpy, sys\n"
-        "sys.argv = ['app'] + sys.argv[1:]\n"
-        "atexit.register(lambda: print('MLFLOW', 'mlflow' in sys.modules, file=sys.stderr))\n"
-        "runpy.run_module('app', run_name='__main__')\n"
-    )
+    code = app_checked_at_exit("'MLFLOW', 'mlflow' in sys.modules")
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     for background, imported in (("true", False), ("false", True)):
