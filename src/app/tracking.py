@@ -33,10 +33,11 @@ BATCH = 100  # MLflow's per-request limit for params and tags
 # An unreachable server takes minutes with MLflow's default retries: the first contact fails within seconds ...
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 CONNECT_TIMEOUT = 5.0  # seconds for the TCP probe that decides "unreachable"
-# ... and once the server's port accepts a connection, requests ride out a busy or restarting server: 5 retries
-# with backoff 1, 2, 4, 8, 16 s, each request at most 10 s (about 1.5 min in all), then the job fails with one line.
+# ... and once the server's port accepts a connection, requests ride out a busy or restarting server: 7 retries
+# after 0, 2, 4, ... 64 s (urllib3's backoff), each request at most 10 s: a server that refuses connections for up to
+# ~2 min (a restart on a loaded machine) loses nothing; one that never answers fails the call after ~3.5 min.
 # A server that is up but slow (a sweep's workers importing torch on the same 2 cores) is not "unreachable".
-HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
 

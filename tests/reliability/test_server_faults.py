@@ -1,8 +1,8 @@
 """The MLflow server (PostgreSQL backend) restarted during a sweep, or gone for good.
 
-A restart within the retry window (app.tracking.HTTP_RIDE_OUT, about 1.5 min) loses no run, param or metric. A
-server that stays down ends the job with one line, and the run it leaves RUNNING is closed as FAILED by
-``python -m app.tracking close-orphans`` (or by the next run) once the store is back.
+A restart within the retry window (app.tracking.HTTP_RIDE_OUT, about 2 min of refused connections) loses no run,
+param or metric. A server that stays down ends the job with one line, and the run it leaves RUNNING is closed as
+FAILED by ``python -m app.tracking close-orphans`` (or by the next run) once the store is back.
 """
 
 from __future__ import annotations
