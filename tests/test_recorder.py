@@ -156,3 +156,21 @@ def test_a_sweep_whose_store_fails_lists_it_and_exits_1(run_app, tmp_path):
     assert len(errors) == 1 and "is unreachable" in errors[0], out[-3000:]
     assert "0 of 2 jobs failed; 1 MLflow call(s) failed" in out and "Traceback" not in out
     assert all((tmp_path / "sw" / str(i) / "samples" / "x_train.npy").exists() for i in (0, 1))
+
+
+def test_a_store_gone_for_good_skips_the_later_calls():
+    """Once a request has used up the ride-out window (~2 min), the command's later calls are skipped instead of
+    each waiting as long again; any other failure only concerns its own call."""
+    from app import recorder
+
+    ops = recorder.Ops()
+    ops.uri, ops.runs, ops.dirs = "http://127.0.0.1:1", {"a": "run-a", "b": "run-b"}, {"a": "/out/a", "b": "/out/b"}
+    other = ops.describe("finish_job", {"handle": "a"}, ValueError("INVALID_PARAMETER_VALUE: bad metric"))
+    assert "run run-a" in other and ops.failure is None
+    gone = RuntimeError("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+                        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: ...")
+    line = ops.describe("finish_job", {"handle": "a"}, gone)
+    assert "unreachable while recording run run-a" in line and "/out/a" in line and ops.failure
+    with pytest.raises(recorder.Skipped):
+        ops.end_run("b", "FINISHED")
+    assert ops.describe("end_run", {"handle": "b"}, recorder.Skipped("b")) is None  # no second line

@@ -34,6 +34,7 @@ log = logging.getLogger("app.tracking")
 KEY_ENV = "MADMINER_SWEEPER_RECORDER_KEY"
 START_TIMEOUT = 30.0  # seconds for the helper to open its socket (a Python start and one small import)
 DATASET_ATTEMPTS = 3
+GONE = "Max retries exceeded"  # urllib3's words once every retry of a request failed to reach the server
 
 
 class Skipped(Exception):
@@ -226,6 +227,10 @@ class Ops:
             return str(err)
         text = str(err).strip()
         first = tracking.redact_text(text.splitlines()[0] if text else repr(err))[:200]
+        if GONE in text and not self.failure:
+            # the requests rode out the retry window (tracking.HTTP_RIDE_OUT, ~2 min) and the store is still gone:
+            # the command's later calls are skipped, rather than each waiting that long again
+            self.failure = f"the store stayed unreachable: {first}"
         handle = kwargs.get("handle") or (kwargs.get("parent") or {}).get("handle")
         if op in ("start_parent", "end_parent"):
             return (f"MLflow tracking store unreachable while recording the sweep's parent run ({first}); the jobs' "
