@@ -364,9 +364,6 @@ class Local:
     def call(self, op: str, **kwargs: Any) -> Any:
         return getattr(self.ops, op)(**kwargs)
 
-    def share(self) -> None:
-        return None
-
     def close(self) -> None:
         return None
 
