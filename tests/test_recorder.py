@@ -158,6 +158,21 @@ def test_a_sweep_whose_store_fails_lists_it_and_exits_1(run_app, tmp_path):
     assert all((tmp_path / "sw" / str(i) / "samples" / "x_train.npy").exists() for i in (0, 1))
 
 
+def test_a_database_that_cannot_be_opened_fails_in_seconds(run_app, tmp_path, postgres_db):
+    """A PostgreSQL server that is up but has no such database: MLflow alone retries creating its engine for ~101 s;
+    the run fails with one line after a few attempts (tracking.DB_CONNECT_ATTEMPTS), well within the timeout."""
+    url = postgres_db()  # the server answers (trust auth); the database below does not exist
+    missing = url.rsplit("/", 1)[0] + "/no_such_database"
+    start = time.monotonic()
+    proc = run_app(*TINY, "stage=sample", "tracking=local", f"tracking.uri={missing}", check=False, timeout=60)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 2, proc.out[-3000:]
+    errors = [line for line in proc.out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no_such_database" in errors[0] and "does not exist" in errors[0], proc.out[-3000:]
+    assert "Traceback" not in proc.out
+    assert seconds < 45, f"{seconds:.0f} s: MLflow's own ~101-s engine retries were not bounded"
+
+
 def test_a_store_gone_for_good_skips_the_later_calls():
     """Once a request has used up the ride-out window (~2 min), the command's later calls are skipped instead of
     each waiting as long again; any other failure only concerns its own call."""

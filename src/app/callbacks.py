@@ -16,6 +16,7 @@ Secrets are redacted before anything reaches MLflow.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -315,8 +316,6 @@ def _typed(task) -> str:
 
 
 def _job_tags(config: DictConfig) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     hydra = config.hydra
     tags: dict[str, Any] = {
         group: choice
@@ -335,11 +334,7 @@ def _job_tags(config: DictConfig) -> dict:
             "objective.direction": str(getattr(config.objective.direction, "value", config.objective.direction)),
         }
     )
-    for package in ("madminer-sweeper", "madminer", "torch", "mlflow"):
-        try:
-            tags[f"version.{package}"] = version(package)
-        except PackageNotFoundError:
-            pass
+    tags.update({f"version.{package}": found for package, found in _versions().items()})
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -354,7 +349,23 @@ def _job_tags(config: DictConfig) -> dict:
     return tags
 
 
+@functools.cache
+def _versions() -> dict[str, str]:
+    """The installed versions of the packages a run depends on (looked up once per process, not per job)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("madminer-sweeper", "madminer", "torch", "mlflow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+@functools.cache
 def _git_commit() -> str | None:
+    """The checkout's commit (once per process: a sweep's jobs run the code this process imported)."""
     checkout = Path(__file__).resolve().parents[2]
     if not (checkout / ".git").exists():
         return None

@@ -40,6 +40,11 @@ CONNECT_TIMEOUT = 5.0  # seconds for the TCP probe that decides "unreachable"
 HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
+# A database store (sqlite, PostgreSQL, ...) that accepts connections but cannot be opened (a wrong database name
+# or password, a folder where the file should be): MLflow retries creating its engine 10 times, sleeping
+# 0.1 * (2**k - 1) s, ~101 s in all, before the error. Five attempts (~2.6 s of waiting) still ride out a database
+# that is finishing its start; a misconfigured one fails in seconds. Set here, for this process only.
+DB_CONNECT_ATTEMPTS = 5
 
 
 class TrackingUnavailable(UserError):
@@ -116,6 +121,10 @@ def configure(uri: str) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", *DB_PORTS):
+        from mlflow.store.db import utils as db_utils
+
+        db_utils.MAX_RETRY_COUNT = min(getattr(db_utils, "MAX_RETRY_COUNT", DB_CONNECT_ATTEMPTS), DB_CONNECT_ATTEMPTS)
 
 
 def client(uri: str):
