@@ -42,9 +42,10 @@ HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BA
 _SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
 # A database store (sqlite, PostgreSQL, ...) that accepts connections but cannot be opened (a wrong database name
 # or password, a folder where the file should be): MLflow retries creating its engine 10 times, sleeping
-# 0.1 * (2**k - 1) s, ~101 s in all, before the error. Five attempts (~2.6 s of waiting) still ride out a database
-# that is finishing its start; a misconfigured one fails in seconds. Set here, for this process only.
-DB_CONNECT_ATTEMPTS = 5
+# 0.1 * (2**k - 1) s, ~101 s in all, before the error. Seven attempts (~12 s of waiting) still ride out a database
+# that is finishing its start (a cluster job that starts PostgreSQL beside the sweep); a misconfigured one fails
+# in seconds. Set here, for this process only.
+DB_CONNECT_ATTEMPTS = 7
 
 
 class TrackingUnavailable(UserError):
