@@ -158,6 +158,22 @@ def test_a_sweep_whose_store_fails_lists_it_and_exits_1(run_app, tmp_path):
     assert all((tmp_path / "sw" / str(i) / "samples" / "x_train.npy").exists() for i in (0, 1))
 
 
+def test_run_times_are_the_jobs_not_the_helpers(run_app, tmp_path):
+    """The helper makes the calls later (after importing MLflow; behind the jobs): the runs still start and end when
+    the sweep and its jobs did, so the durations the MLflow UI shows are the real ones."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_app("-m", *TINY, "stage=sample", "training.alpha=1,2", "tracking=local", f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path}/sw")
+    _, runs = _runs(uri)
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    jobs = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: int(r.data.tags["job.num"]))
+    assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    times = [(r.info.run_name, r.info.start_time, r.info.end_time) for r in [parent, *jobs]]
+    assert parent.info.start_time <= jobs[0].info.start_time, times  # the sweep started before its first job
+    assert jobs[0].info.end_time <= jobs[1].info.start_time, times  # serial jobs: one ends before the next starts
+    assert jobs[1].info.end_time <= parent.info.end_time, times
+
+
 def test_a_database_that_cannot_be_opened_fails_in_seconds(run_app, tmp_path, postgres_db):
     """A PostgreSQL server that is up but has no such database: MLflow alone retries creating its engine for ~101 s;
     the run fails with one line after a few attempts (tracking.DB_CONNECT_ATTEMPTS, ~12 s), well within the timeout."""

@@ -132,13 +132,14 @@ class MLflowCallback(Callback):
                 "optuna.n_trials": sweeper.get("n_trials"),
             })
         handle = recorder.new_handle()
+        started = int(time.time() * 1000)  # the helper may create the run seconds later (it imports MLflow first)
         if tracker.remote:
-            tracker.post("start_parent", handle=handle, name=name, tags=tags)
+            tracker.post("start_parent", handle=handle, name=name, tags=tags, start_time=started)
             self.parent = {"handle": handle}
             shared = {"parent": self.parent, "recorder": tracker.share()}
         else:
             try:
-                run_id = tracker.call("start_parent", handle=handle, name=name, tags=tags)
+                run_id = tracker.call("start_parent", handle=handle, name=name, tags=tags, start_time=started)
             except Exception as err:  # noqa: BLE001 - one line, as for an unreachable store
                 _fail(tracking.TrackingUnavailable(tracker.ops.describe("start_parent", {"handle": handle}, err)))
             self.parent = {"run_id": run_id, "experiment_id": tracker.ops.experiment_id}
@@ -233,7 +234,8 @@ class MLflowCallback(Callback):
         update_json(out / "run.json", {"tracking_seconds": round(spent, 3)})
         tracker.post("finish_job", handle=handle, status="FAILED" if failed else "FINISHED",
                      error=_error_line(value) if failed else None, register_model=bool(config.tracking.register_model),
-                     objective=objective, parent=_active.get("parent"), job_num=int(job_num or 0))
+                     objective=objective, parent=_active.get("parent"), job_num=int(job_num or 0),
+                     end_time=int(time.time() * 1000))  # the helper may get to it later (a run's duration)
         if not str(config.hydra.mode).endswith("MULTIRUN"):
             _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
         elif not tracker.remote:
@@ -295,7 +297,7 @@ def end_active_run(status: str, error: BaseException | None = None) -> None:
     tracker = _recorder()
     if handle is None or tracker is None:
         return
-    tracker.post("end_run", handle=handle, status=status, error=_error_line(error))
+    tracker.post("end_run", handle=handle, status=status, error=_error_line(error), end_time=int(time.time() * 1000))
     for line in _flush(tracker):
         log.error("error: %s", line)
 

@@ -111,13 +111,15 @@ class Ops:
         return ref.get("run_id") or self._run(ref["handle"])
 
     # ---------------------------------------------------------------- runs
-    def start_parent(self, handle: str, name: str, tags: dict) -> str:
+    def start_parent(self, handle: str, name: str, tags: dict, start_time: int | None = None) -> str:
+        """The sweep's parent run, started at ``start_time`` (ms; when the sweep started, not when this call is made:
+        the helper makes it after importing MLflow, seconds later)."""
         from app import tracking
 
         c = self._client()
         self.dirs[handle] = tags.get("sweep_dir", "")
         try:
-            run = c.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep"})
+            run = c.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep"}, start_time=start_time)
         except Exception:
             self.failed.add(handle)
             raise
@@ -166,22 +168,24 @@ class Ops:
         return run_id
 
     def finish_job(self, handle: str, status: str, error: str | None, register_model: bool,
-                   objective: float | None = None, parent: dict | None = None, job_num: int = 0) -> None:
+                   objective: float | None = None, parent: dict | None = None, job_num: int = 0,
+                   end_time: int | None = None) -> None:
         """Everything the job produced (read from its output dir), then its end: FINISHED or FAILED. If the store
         fails on the way, the run stays RUNNING (closed as FAILED later: ``close-orphans``, or the next run)."""
         run_id = self._run(handle)
         _log_job_results(self, run_id, Path(self.dirs[handle]), register_model, objective, parent, job_num)
-        self.end_run(handle, status, error)
+        self.end_run(handle, status, error, end_time)
 
-    def end_run(self, handle: str, status: str, error: str | None = None) -> None:
-        """End a job's run; also for Ctrl-C and bad input, which skip the job's end."""
+    def end_run(self, handle: str, status: str, error: str | None = None, end_time: int | None = None) -> None:
+        """End a job's run at ``end_time`` (ms; when the job ended, not when this call is made); also for Ctrl-C and
+        bad input, which skip the job's end."""
         from app import tracking
 
         run_id = self._run(handle)
         c = self._client()
         if error is not None:
             tracking.set_tags(c, run_id, {"error": error})
-        c.set_terminated(run_id, status)
+        c.set_terminated(run_id, status, end_time=end_time)
         self.failed.add(handle)  # ended: nothing more is recorded for it
 
     def end_parent(self, parent: dict, metric: str | None, direction: str | None, register_model: bool,
