@@ -70,7 +70,9 @@ class Ops:
         """Import MLflow and the store's modules before the first call needs them."""
         import mlflow  # noqa: F401
 
-        if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        from app.tracking import db_scheme
+
+        if db_scheme(uri):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     def connect(self, uri: str, experiment_name: str) -> str:

@@ -122,7 +122,7 @@ def configure(uri: str) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    if uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", *DB_PORTS):
+    if db_scheme(uri):
         from mlflow.store.db import utils as db_utils
 
         db_utils.MAX_RETRY_COUNT = min(getattr(db_utils, "MAX_RETRY_COUNT", DB_CONNECT_ATTEMPTS), DB_CONNECT_ATTEMPTS)
@@ -164,13 +164,20 @@ def ensure_experiment(uri: str, name: str) -> str:
 DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
+def db_scheme(uri: str) -> str | None:
+    """``sqlite``, ``postgresql``, ``mysql`` or ``mssql`` for a database store (``postgresql+psycopg2://`` too);
+    None for a server or a folder."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    return scheme if scheme == "sqlite" or scheme in DB_PORTS else None
+
+
 def precheck(uri: str) -> None:
     """What can be checked before the jobs start without importing MLflow (which the helper process of
     :mod:`app.recorder` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
     database's folder exists and is writable. Raises TrackingUnavailable with the one line to report."""
     from urllib.parse import urlsplit
 
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    scheme = db_scheme(uri)
     if scheme == "sqlite":
         path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
         if path and path != ":memory:":
