@@ -35,11 +35,12 @@ def main() -> None:
     from madminer.ml import ParameterizedRatioEstimator
     from madminer.sampling import SampleAugmenter
 
-    from app import fasttrain, toy
-    from app.estimators import limits_class
+    from app.ml import fasttrain
+    from app.ml.estimators import limits_class
+    from app.toy import simulator
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = toy.ensure_toy_file(toy.ToySettings(n_events=20000), tmp)
+        path = simulator.ensure_toy_file(simulator.ToySettings(n_events=20000), tmp)
         np.random.seed(1)
         torch.manual_seed(1)
         x, theta0, _, y, r_xz, t_xz, _ = SampleAugmenter(str(path)).sample_train_ratio(

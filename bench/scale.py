@@ -4,7 +4,7 @@
     python bench/scale.py --events 100000 --samples 10000 --also 0.1   # and the same at a tenth, side by side
 
 Each stage is the command a user runs (``python -m app stage=...`` on the previous stage's output; the
-generation is ``app.toy.ensure_toy_file``); the bench prints its wall time and the peak resident memory
+generation is ``app.toy.simulator.ensure_toy_file``); the bench prints its wall time and the peak resident memory
 of its process (``ru_maxrss`` from ``wait4``). With ``--also F`` it runs the same chain again with the
 event and sample counts scaled by F and prints, per stage, how time and memory grow: a stage whose time
 grows faster than the size (exponent > 1.2 over a 10x step) is flagged. Goals (issue 9): each stage
@@ -45,7 +45,7 @@ def chain(work: Path, events: int, samples: int, epochs: int, resolution: int, s
     common = [*data, "tracking=disabled", "cache.enabled=false", f"seed={seed}", f"sampling.n_samples={samples}"]
     app = [sys.executable, "-m", "app"]
     results = {}
-    generate = ("from app import toy; import sys; "
+    generate = ("from app.toy import simulator as toy; import sys; "
                 f"print(toy.ensure_toy_file(toy.ToySettings(n_events={events}, seed={seed}), sys.argv[1]))")
     results["generate"] = measure([sys.executable, "-c", generate, str(cache)], env, work)
     results["sample"] = measure([*app, "stage=sample", *common, f"hydra.run.dir={work}/sample"], env, work)

@@ -68,10 +68,11 @@ def step_evaluate(method: str, data: str, work: Path) -> None:
     from madminer.fisherinformation import FisherInformation
     from madminer.limits import AsymptoticLimits
 
-    from app import compat
+    from app.ml import madminer_patches
 
-    compat.apply()  # MadMiner 0.9.6 on NumPy 2: np.histogramdd(normed=...)
-    compat.REUSE_BIN_SEARCH = False  # only the keyword translation: the project's speed-ups stay out of the baseline
+    madminer_patches.apply()  # MadMiner 0.9.6 on NumPy 2: np.histogramdd(normed=...)
+    # only the keyword translation: the project's speed-ups stay out of the baseline
+    madminer_patches.REUSE_BIN_SEARCH = False
     limits = AsymptoticLimits(data)
     model = str(work / f"model_{method}")
     own = "sally" if method == "sally" else "ml"

@@ -30,7 +30,7 @@ def config_tree(n_keys: int = 150) -> dict:
         cfg = compose(config_name="config", overrides=["+experiment=seed_workflow"])
     tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "paths"]), resolve=True,
                                   enum_to_str=True)
-    from app.tracking import flatten
+    from app.tracking.backend import flatten
 
     extra = n_keys - len(flatten(tree))
     tree["bench"] = {f"key_{i}": i * 0.5 for i in range(max(extra, 0))}
@@ -45,19 +45,19 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from app import tracking
+    from app.tracking import backend
 
     tree = config_tree()
-    params = tracking.flatten(tracking.redact(tree))
+    params = backend.flatten(backend.redact(tree))
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/bench.db"
-        experiment = tracking.ensure_experiment(uri, "bench")
+        experiment = backend.ensure_experiment(uri, "bench")
         client = MlflowClient(uri)
         batched, per_key = [], []
         for _ in range(args.runs):
             run = client.create_run(experiment)
             start = time.perf_counter()
-            tracking.log_params(client, run.info.run_id, params)
+            backend.log_params(client, run.info.run_id, params)
             batched.append(time.perf_counter() - start)
             run = client.create_run(experiment)
             start = time.perf_counter()

@@ -60,7 +60,7 @@ def time_one(trainer, data, device, batch_size, epochs, seed=0):
     import torch
     from madminer.ml import ParameterizedRatioEstimator
 
-    from app import fasttrain
+    from app.ml import fasttrain
 
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def time_one(trainer, data, device, batch_size, epochs, seed=0):
 def _loop_rate(trainer):
     """The fast trainer's steady training loop: samples per second of its epochs after the first (device-resident
     data; no preparation, copies or validation). None for MadMiner's trainer or a single epoch."""
-    from app import fasttrain
+    from app.ml import fasttrain
 
     seconds = fasttrain.LAST_LOOP.get("epoch_seconds", [])[1:]
     if trainer != "fast" or not seconds:
@@ -116,7 +116,7 @@ def agreement(args, path):
     import numpy as np
     import torch
 
-    from app import fasttrain
+    from app.ml import fasttrain
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_fasttrain import SETTINGS, samples  # the data and settings the test uses
@@ -160,13 +160,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from app import toy
+    from app.toy import simulator
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.optim.Adam(torch.nn.Linear(1, 1).parameters())  # first optimizer imports torch._dynamo (seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        path = toy.ensure_toy_file(toy.ToySettings(n_events=20000), tmp)
+        path = simulator.ensure_toy_file(simulator.ToySettings(n_events=20000), tmp)
         if args.agreement:
             agreement(args, path)
             return
@@ -199,7 +199,7 @@ def lr_scaling(data, epochs):
     import torch
     from madminer.ml import ParameterizedRatioEstimator
 
-    from app import fasttrain
+    from app.ml import fasttrain
 
     print(f"learning-rate scaling, fast trainer on cuda, {epochs} epochs: best validation loss", flush=True)
     for batch_size, scale in ((1024, 1), (65536, 1), (65536, 8), (65536, 64)):

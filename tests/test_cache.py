@@ -1,5 +1,5 @@
-"""The stage cache (app.cache): keys, verified hits, damaged entries, killed builds, concurrent builds,
-memoised data digests and the ``python -m app.cache`` command. Real processes where kills or races matter."""
+"""The stage cache (app.store.cache): keys, verified hits, damaged entries, killed builds, concurrent builds,
+memoised data digests and the ``python -m app.store`` command. Real processes where kills or races matter."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from app import cache
-from app.cache import MANIFEST, StageCache, file_digest, read_provenance, stage_key, verify, write_manifest
+from app.store import cache
+from app.store.cache import MANIFEST, StageCache, file_digest, read_provenance, stage_key, verify, write_manifest
 
 SRC = Path(cache.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from app.cache import StageCache
+    from app.store.cache import StageCache
 
     root, key, log_file, started, sleep, go = sys.argv[1:7]
 
@@ -107,7 +107,7 @@ def test_key_changes_with_each_input_and_not_otherwise(monkeypatch):
 
 def test_versions_come_from_package_metadata_without_importing_madminer():
     code = (
-        "import sys, app.cache as c; v = c.versions()\n"
+        "import sys, app.store.cache as c; v = c.versions()\n"
         "print(v['madminer-sweeper'], v['madminer'], 'madminer' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
@@ -118,7 +118,7 @@ def test_versions_come_from_package_metadata_without_importing_madminer():
 
 def test_import_is_cheap():
     heavy = ("numpy", "torch", "madminer", "omegaconf")
-    code = f"import sys, app.cache; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, app.store.cache; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -220,7 +220,7 @@ def test_a_damaged_entry_is_not_served_and_is_rebuilt(tmp_path, caplog, damage, 
     entry, _ = store.get_or_create("train", KEY, _builder(calls), {"method": "alices"})
     damage(entry.path)
     assert verify(entry.path).startswith(problem)
-    with caplog.at_level(logging.WARNING, logger="app.cache"):
+    with caplog.at_level(logging.WARNING, logger="app.store.cache"):
         assert store.get("train", KEY) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and problem in warnings[0] and KEY[:12] in warnings[0]
@@ -342,7 +342,7 @@ def test_concurrent_jobs_hash_each_file_once_and_every_digest_lands_in_the_memo(
         files.append(tmp_path / f"f{i}.h5")
         files[-1].write_bytes(bytes([i]) * 8_000_000)
     code = (
-        "import sys, time; from pathlib import Path; from app import cache\n"
+        "import sys, time; from pathlib import Path; from app.store import cache\n"
         "real = cache._sha256_file\n"
         "def spy(p):\n"
         "    with open(sys.argv[4], 'a') as f: f.write(str(p) + '\\n')\n"
@@ -399,7 +399,7 @@ def test_size_and_clear(tmp_path):
 
 def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cache", *args], env=env or ENV, cwd=cwd, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "app.store", *args], env=env or ENV, cwd=cwd, capture_output=True, text=True, timeout=60
     )
 
 

@@ -7,13 +7,13 @@ import importlib
 import numpy as np
 import pytest
 
-from app import compat
+from app.ml import madminer_patches
 
 
 @pytest.fixture
 def unpatched():
     """The madminer histogram modules with the real numpy, restored to the shim afterwards."""
-    modules = [importlib.import_module(name) for name in compat.PATCHED_MODULES]
+    modules = [importlib.import_module(name) for name in madminer_patches.PATCHED_MODULES]
     saved = [m.np for m in modules]
     for m in modules:
         m.np = np
@@ -28,42 +28,42 @@ def test_madminer_histograms_fail_without_the_shim_and_work_with_it(unpatched):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 1))
     weights = rng.uniform(size=500)
-    assert compat.needed(), "this NumPy still accepts normed=: the shim would be unnecessary"
+    assert madminer_patches.needed(), "this NumPy still accepts normed=: the shim would be unnecessary"
     with pytest.raises(TypeError, match="normed"):
         Histo(x, weights, bins=[5])
 
-    assert compat.apply() == list(compat.PATCHED_MODULES)
+    assert madminer_patches.apply() == list(madminer_patches.PATCHED_MODULES)
     histo = Histo(x, weights, bins=[5])
     probs = histo.log_likelihood(x)
     assert np.all(np.isfinite(probs))
-    assert compat.apply() == list(compat.PATCHED_MODULES)  # idempotent
+    assert madminer_patches.apply() == list(madminer_patches.PATCHED_MODULES)  # idempotent
 
 
 def test_shim_only_touches_madminer_modules(unpatched):
-    compat.apply()
-    assert np.histogramdd is not compat.histogramdd  # numpy itself is untouched
+    madminer_patches.apply()
+    assert np.histogramdd is not madminer_patches.histogramdd  # numpy itself is untouched
     for module in unpatched:
-        assert module.np.histogramdd is compat.histogramdd
+        assert module.np.histogramdd is madminer_patches.histogramdd
         assert module.np.sum is np.sum  # everything else is plain numpy
 
 
 def test_shim_translates_normed_to_density():
     sample = np.arange(10.0).reshape(-1, 1)
-    counts, _ = compat.histogramdd(sample, bins=[2], range=[(0, 10)], normed=False)
-    density, _ = compat.histogramdd(sample, bins=[2], range=[(0, 10)], normed=True)
+    counts, _ = madminer_patches.histogramdd(sample, bins=[2], range=[(0, 10)], normed=False)
+    density, _ = madminer_patches.histogramdd(sample, bins=[2], range=[(0, 10)], normed=True)
     assert counts.tolist() == [5.0, 5.0]
     assert np.isclose(density.sum() * 5.0, 1.0)
 
 
 def test_events_in_memory_reads_the_file_once_and_gives_the_same_samples(tmp_path):
-    """Sampling many theta points inside compat.events_in_memory(): identical samples, one read of the file,
+    """Sampling many theta points inside madminer_patches.events_in_memory(): identical samples, one read of the file,
     a fresh copy per call, and MadMiner's reader restored afterwards."""
     from madminer.sampling import SampleAugmenter, benchmark, random_morphing_points
     from madminer.utils.interfaces import hdf5
 
-    from app import toy
+    from app.toy import simulator
 
-    path = toy.generate_toy_file(toy.ToySettings(n_events=2000), tmp_path / "toy.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=2000), tmp_path / "toy.h5")
     original = hdf5._load_samples
     reads = []
 
@@ -81,9 +81,9 @@ def test_events_in_memory_reads_the_file_once_and_gives_the_same_samples(tmp_pat
 
     hdf5._load_samples = counting
     try:
-        with compat.events_in_memory():
+        with madminer_patches.events_in_memory():
             assert hdf5._load_samples is not counting
-            with compat.events_in_memory():  # nested: the outer cache stays
+            with madminer_patches.events_in_memory():  # nested: the outer cache stays
                 got = draw()
             first = hdf5._load_samples(str(path))[1]
             first *= 0.0  # MadMiner scales batches in place: the next call must not see it

@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from app.domain.methods import METHODS
 from app.main import config_dir
-from app.methods import METHODS
 
 CONF = Path(config_dir())
 GROUPS = ["data", "sampling", "training", "evaluation", "tracking"]

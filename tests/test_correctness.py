@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, TINY
 from omegaconf import OmegaConf
 
-from app import toy
+from app.toy import simulator
 
 # Evaluation settings of the measured end-to-end runs (default toy, default training, a smaller grid).
 EVAL = ["evaluation.grid.resolutions=11", "evaluation.n_test_samples=300"]
@@ -78,7 +78,7 @@ def _untrained(model_dir: Path, seed: int):
     """The trained model's members, re-initialised (the same networks before training)."""
     import torch
 
-    from app import estimators
+    from app.ml import estimators
 
     estimator = estimators.load(model_dir)
     torch.manual_seed(seed)
@@ -89,11 +89,12 @@ def _untrained(model_dir: Path, seed: int):
 
 def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[str]) -> dict:
     """The evaluate stage's limits (and their truth metrics) for the run's model re-initialised, saved in ``target``."""
-    from app import compat, datafile, estimators
-    from app.io import read_json
-    from app.methods import METHODS
+    from app.domain import datafile
+    from app.domain.methods import METHODS
+    from app.ml import estimators, madminer_patches
     from app.stages import evaluate
-    from app.truth import ToyTruth
+    from app.store.files import read_json
+    from app.toy.truth import ToyTruth
     from app.workflow import compose
 
     shutil.copytree(run_dir / "model", target)
@@ -102,7 +103,7 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
     for i, member in enumerate(members):
         name = target / meta["model_name"]
         member.save(str(name / f"estimator_{i}" if len(members) > 1 else name))
-    compat.apply()
+    madminer_patches.apply()
     cfg = compose([*overrides, "tracking=disabled"])
     info = datafile.inspect(Path(json.loads((run_dir / "run.json").read_text())["data_path"]), is_toy=True)
     out = target.parent / f"{target.name}-results"
@@ -117,7 +118,7 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
 
 @pytest.fixture(scope="module")
 def toy_path(tmp_path_factory) -> Path:
-    return toy.ensure_toy_file(toy.ToySettings(n_events=4000), tmp_path_factory.mktemp("toy"))
+    return simulator.ensure_toy_file(simulator.ToySettings(n_events=4000), tmp_path_factory.mktemp("toy"))
 
 
 def _copy(path: Path, tmp_path: Path, name: str = "events.h5") -> Path:
@@ -133,7 +134,9 @@ def _cfg(**evaluation) -> OmegaConf:
 
 # --------------------------------------------------------------------------- item 8: one source of names
 def test_estimator_and_mode_names_come_from_the_methods_table():
-    from app import config, estimators, methods
+    from app import config
+    from app.domain import methods
+    from app.ml import estimators
 
     assert [e.value for e in config.EstimatorKind] == list(methods.ESTIMATORS)
     assert [m.value for m in config.LimitMode] == list(methods.LIMIT_MODES)
@@ -171,8 +174,8 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
     # the registry's pyfunc wrapper returns the ensemble's mean score, one column per parameter
     import pandas as pd
 
-    from app import estimators
-    from app.registry import MadMinerEstimator
+    from app.ml import estimators
+    from app.tracking.registry import MadMinerEstimator
 
     x = np.load(run_dir / "results" / "test_score_x.npy")
     wrapper = MadMinerEstimator()
@@ -186,7 +189,7 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
 
     # the same networks untrained miss the bound
     from app.stages.evaluate import truth_score_metrics
-    from app.truth import ToyTruth
+    from app.toy.truth import ToyTruth
 
     for seed in range(2):
         untrained = estimators.score(_untrained(run_dir / "model", seed), x)
@@ -203,7 +206,7 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
 def _untrained_density_metrics(run_dir: Path, seed: int) -> dict:
     """The truth metrics of the run's density networks re-initialised with ``seed``, on the run's test events."""
     from app.stages.evaluate import truth_density_metrics
-    from app.truth import ToyTruth
+    from app.toy.truth import ToyTruth
 
     x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
     return truth_density_metrics(_untrained(run_dir / "model", seed), ToyTruth(0.5, 2), x, grid, np.zeros(2), {})
@@ -242,7 +245,7 @@ def test_density_with_gaussian_mixtures_meets_the_likelihood_gap_bound(run_app, 
 @pytest.mark.slow
 def test_double_parameterized_learns_varying_theta1_away_from_the_sm(run_app, tmp_path):
     from app.stages.evaluate import truth_log_r_metrics
-    from app.truth import ToyTruth
+    from app.toy.truth import ToyTruth
 
     proc = run_app(
         "training=alices", "training.estimator=double_parameterized", f"evaluation.theta_true=[{AWAY[0]},{AWAY[1]}]",
@@ -304,7 +307,7 @@ def test_fisher_metrics_mean_something(caplog):
 
 # --------------------------------------------------------------------------- item 5: theta_true and the grid
 def test_theta_true_null_is_the_sm_benchmark_and_the_grid_follows_the_file(toy_path, tmp_path, caplog):
-    from app import datafile
+    from app.domain import datafile
     from app.errors import UserError
     from app.stages import evaluate
 
@@ -360,7 +363,7 @@ def test_grid_without_ranges_is_a_one_line_error_before_any_work(run_app, tmp_pa
 def test_expected_events_and_oversampling_are_reported(toy_path, caplog):
     from madminer.limits import AsymptoticLimits
 
-    from app import datafile
+    from app.domain import datafile
     from app.stages import evaluate, sample
 
     limits = AsymptoticLimits(str(toy_path))
@@ -369,7 +372,7 @@ def test_expected_events_and_oversampling_are_reported(toy_path, caplog):
         evaluate._log_expected_events(cfg, limits, np.zeros(2))
     text = " ".join(r.getMessage() for r in caplog.records)
     n = float(text.split("expected events at theta_true: ")[1].split()[0])
-    assert n == pytest.approx(1000.0 * toy.SIGMA_SM, rel=0.1)  # L [pb^-1] x sigma [pb]
+    assert n == pytest.approx(1000.0 * simulator.SIGMA_SM, rel=0.1)  # L [pb^-1] x sigma [pb]
     assert "only" in text and "events expected at theta_true" in text and "pb^-1" in text
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -401,7 +404,7 @@ def test_device_choice_is_honoured_and_restored(monkeypatch, tmp_path):
     from madminer.ml import ParameterizedRatioEstimator
     from madminer.utils.ml.trainer import Trainer
 
-    from app import device
+    from app.ml import device
     from app.stages.evaluate import model_log_r_grid
 
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -437,19 +440,19 @@ NUISANCE = ["data.nuisance=true", "sampling.include_nuisance=true"]
 
 
 def test_nuisance_toy_is_madminer_nuisance_setup(tmp_path):
-    """The variant's nuisance parameter is read by MadMiner's own machinery as written (app.toy docstring)."""
+    """The variant's nuisance parameter is read by MadMiner's own machinery as written (app.toy.simulator docstring)."""
     from madminer.sampling import SampleAugmenter, benchmark
 
-    plain = toy.ToySettings(n_events=4000)
-    varied = toy.ToySettings(n_events=4000, nuisance=True)
-    assert toy.settings_key(plain) != toy.settings_key(varied)
-    assert toy.toy_file_path(plain, tmp_path) != toy.toy_file_path(varied, tmp_path)
-    path, plain_path = toy.ensure_toy_file(varied, tmp_path), toy.ensure_toy_file(plain, tmp_path)
+    plain = simulator.ToySettings(n_events=4000)
+    varied = simulator.ToySettings(n_events=4000, nuisance=True)
+    assert simulator.settings_key(plain) != simulator.settings_key(varied)
+    assert simulator.toy_file_path(plain, tmp_path) != simulator.toy_file_path(varied, tmp_path)
+    path, plain_path = simulator.ensure_toy_file(varied, tmp_path), simulator.ensure_toy_file(plain, tmp_path)
     with h5py.File(path, "r") as f, h5py.File(plain_path, "r") as g:
         names = [n.decode() for n in f["benchmarks/names"][()]]
-        assert names[6:] == list(toy.NUISANCE_BENCHMARKS)
+        assert names[6:] == list(simulator.NUISANCE_BENCHMARKS)
         assert f["benchmarks/is_nuisance"][()].tolist() == [0] * 6 + [1, 1]
-        assert [n.decode() for n in f["nuisance_parameters/names"][()]] == [toy.NUISANCE_PARAMETER]
+        assert [n.decode() for n in f["nuisance_parameters/names"][()]] == [simulator.NUISANCE_PARAMETER]
         assert f["samples/weights"].shape == (4000, 8)
         # the physics part is the plain toy's (same events, same weights): its truth holds at nu = 0
         np.testing.assert_array_equal(f["samples/weights"][:, :6], g["samples/weights"][()])
@@ -463,9 +466,9 @@ def test_nuisance_toy_is_madminer_nuisance_setup(tmp_path):
     assert theta.shape == (400, 3) and t_xz.shape == (400, 3)
     np.testing.assert_array_equal(theta, 0.0)  # (theta, nu) at the SM and the nominal nu = 0
     # d/dnu log p(x, z | theta, nu) at nu = 0 is kappa x'_1 minus its sigma-weighted mean over the file
-    xprime1 = toy.smeared_from_observables(x)[:, 0]
+    xprime1 = simulator.smeared_from_observables(x)[:, 0]
     slope, offset = np.polyfit(xprime1, t_xz[:, 2], 1)
-    assert slope == pytest.approx(toy.NUISANCE_KAPPA, rel=1e-4) and abs(offset) < 0.05
+    assert slope == pytest.approx(simulator.NUISANCE_KAPPA, rel=1e-4) and abs(offset) < 0.05
     np.testing.assert_allclose(t_xz[:, 2], slope * xprime1 + offset, atol=1e-5)
 
 
@@ -477,14 +480,14 @@ def test_include_nuisance_samples_and_trains_on_the_nuisance_toy(run_app, tmp_pa
     x, theta, t_xz = (np.load(samples / f"{k}_train.npy") for k in ("x", "theta", "t_xz"))
     assert x.shape == (600, 2) and theta.shape == (600, 3) and t_xz.shape == (600, 3)  # (CWL2, CPWL2, nu)
     np.testing.assert_array_equal(theta, 0.0)
-    slope = np.polyfit(toy.smeared_from_observables(x)[:, 0], t_xz[:, 2], 1)[0]
-    assert slope == pytest.approx(toy.NUISANCE_KAPPA, rel=1e-4)  # the nuisance score of the toy's systematic
+    slope = np.polyfit(simulator.smeared_from_observables(x)[:, 0], t_xz[:, 2], 1)[0]
+    assert slope == pytest.approx(simulator.NUISANCE_KAPPA, rel=1e-4)  # the nuisance score of the toy's systematic
     assert json.loads((samples / "samples.json").read_text())["sampling"]["include_nuisance"] is True
 
     run_app(
         "training=sally", "stage=train", *NUISANCE, *tiny, f"sampling.samples_dir={samples}", run_dir=tmp_path / "t"
     )
-    from app import estimators
+    from app.ml import estimators
 
     estimator = estimators.load(tmp_path / "t" / "model")
     assert estimator.n_parameters == 3  # the score network learned the nuisance component too
@@ -514,11 +517,11 @@ def test_include_nuisance_is_a_one_line_error_before_any_work(run_app, tmp_path)
     assert "has nuisance parameters (scale_nuisance_param_0)" in line and "sampling.include_nuisance=true" in line
     assert "Traceback" not in proc.out and not (tmp_path / "off" / "samples").exists()
 
-    from app import datafile
+    from app.domain import datafile
+    from app.domain.validate import _check_nuisance
     from app.errors import UserError
-    from app.validate import _check_nuisance
 
-    info = datafile.inspect(toy.ensure_toy_file(toy.ToySettings(n_events=4000, nuisance=True), tmp_path))
+    info = datafile.inspect(simulator.ensure_toy_file(simulator.ToySettings(n_events=4000, nuisance=True), tmp_path))
     for stage in ("sample", "train"):
         _check_nuisance(OmegaConf.create({"sampling": {"include_nuisance": True}, "stage": stage}), info)
     for stage in ("all", "evaluate", "plot"):
@@ -528,8 +531,8 @@ def test_include_nuisance_is_a_one_line_error_before_any_work(run_app, tmp_path)
 
 # --------------------------------------------------------------------------- item 11: defaults follow the file
 def test_one_prior_applies_to_each_parameter(toy_path):
-    from app import datafile
-    from app.validate import check_theta
+    from app.domain import datafile
+    from app.domain.validate import check_theta
 
     info = datafile.inspect(toy_path)
     spec = OmegaConf.create({"type": "random_morphing_points", "n": 5, "priors": [["flat", -10.0, 10.0]]})

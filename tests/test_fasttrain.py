@@ -1,4 +1,4 @@
-"""The fast training path (app.fasttrain) against MadMiner's own Trainer.
+"""The fast training path (app.ml.fasttrain) against MadMiner's own Trainer.
 
 Tolerances: ``python bench/trainer.py --agreement 10`` trains every method below with both trainers
 for seeds 0-9 on exactly this data and prints the largest |fast - madminer| of the best validation
@@ -15,7 +15,8 @@ import logging
 import numpy as np
 import pytest
 
-from app import fasttrain, toy
+from app.ml import fasttrain
+from app.toy import simulator
 
 # bench/trainer.py --agreement 10 (CPU, seeds 0-9), largest |fast - madminer| of the best validation loss:
 # alices 0.057 (seed spread 0.086), sally 0.0012 (0.0026), nde 0.016 (0.059). Trained vs untrained (seed 1):
@@ -60,7 +61,7 @@ def samples(path, method: str, n: int = 2000, seed: int = 1) -> dict:
 
 @pytest.fixture(scope="module")
 def toy_path(tmp_path_factory):
-    return toy.generate_toy_file(toy.ToySettings(n_events=4000), tmp_path_factory.mktemp("fast") / "toy.h5")
+    return simulator.generate_toy_file(simulator.ToySettings(n_events=4000), tmp_path_factory.mktemp("fast") / "toy.h5")
 
 
 def _train(method, trainer, data, seed, **overrides):
@@ -179,11 +180,11 @@ def test_nans_and_unsupported_estimators(toy_path, caplog):
         pass
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.fasttrain"):
+    with caplog.at_level(logging.INFO, logger="app.ml.fasttrain"):
         losses = fasttrain.fit(Custom(n_hidden=(8,)), "fast", "cpu", **{**SETTINGS["alices"]["train"], "n_epochs": 1},
                                **data)  # fmt: skip
     assert len(losses[0]) == 1
-    assert [r.getMessage() for r in caplog.records if r.name == "app.fasttrain"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "app.ml.fasttrain"] == [
         "fast trainer: Custom is not supported; training with MadMiner's trainer"
     ]
     import torch

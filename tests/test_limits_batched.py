@@ -1,4 +1,4 @@
-"""The batched ``ml`` limits (app.estimators.limits_class) against MadMiner's per-grid-point evaluation.
+"""The batched ``ml`` limits (app.ml.estimators.limits_class) against MadMiner's per-grid-point evaluation.
 
 Same trained model, same Asimov data: the p-values agree within P_VALUE_TOLERANCE and the kinematic
 log-likelihoods within LLR_TOLERANCE (float32 networks evaluated in different batch shapes; measured
@@ -12,8 +12,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from app import fasttrain, toy
-from app.estimators import limits_class
+from app.ml import fasttrain
+from app.ml.estimators import limits_class
+from app.toy import simulator
 
 P_VALUE_TOLERANCE = 1e-6
 LLR_TOLERANCE = 1e-4  # absolute, on n_events * sum_x w(x) log r(x | theta); measured <= 1e-6 (ranges 24-449)
@@ -25,7 +26,7 @@ def models(tmp_path_factory):
     from madminer import ml
     from madminer.sampling import SampleAugmenter, benchmark, random_morphing_points
 
-    path = toy.generate_toy_file(toy.ToySettings(n_events=3000), tmp_path_factory.mktemp("lim") / "toy.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=3000), tmp_path_factory.mktemp("lim") / "toy.h5")
     augmenter = SampleAugmenter(str(path))
     prior = random_morphing_points(10, [("flat", -10, 10)] * 2)
     np.random.seed(1)
@@ -89,18 +90,18 @@ def test_histo_limits_with_low_memory_binning_and_cached_bin_search_equal_madmin
     own AsymptoticLimits with its defaults: the same bins, the same p-values."""
     from madminer.limits import AsymptoticLimits
 
-    from app import compat
+    from app.ml import madminer_patches
     from app.stages.evaluate import HISTO_THETA_BATCH
 
-    compat.apply()
+    madminer_patches.apply()
     settings = dict(mode="histo", theta_true=np.array([1.0, -2.0]), grid_ranges=[(-8.0, 8.0), (-8.0, 8.0)],
                     grid_resolutions=[12, 12], luminosity=10000.0, include_xsec=True, test_split=0.2,
                     hist_vars=["pt_j1", "delta_phi_jj"][: 1 if hist_bins is None else 2], hist_bins=hist_bins,
                     n_histo_toys=None, n_binning_toys=None, return_histos=True)  # fmt: skip
     assert HISTO_THETA_BATCH < 144  # several batches
     ours = limits_class()(str(models["path"])).expected_limits(**settings, histo_theta_batchsize=HISTO_THETA_BATCH)
-    compat._LAST.clear()
-    with mock.patch.object(compat, "_bin_index", lambda *_: None):  # numpy's own histogramdd every time
+    madminer_patches._LAST.clear()
+    with mock.patch.object(madminer_patches, "_bin_index", lambda *_: None):  # numpy's own histogramdd every time
         theirs = AsymptoticLimits(str(models["path"])).expected_limits(**settings)
     np.testing.assert_array_equal(ours[0], theirs[0])
     for a, b in zip(ours[5], theirs[5]):

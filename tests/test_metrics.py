@@ -1,14 +1,14 @@
-"""The metric table (app.metrics): MadMiner's loss terms, directions, and what may be ranked against what."""
+"""The metric table (app.domain.metrics): MadMiner's loss terms, directions, and what may be ranked against what."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app import metrics
+from app.domain import metrics
+from app.domain.methods import METHODS
+from app.domain.stats import CL68_P_VALUE, region_size
 from app.errors import UserError
-from app.methods import METHODS
-from app.stats import CL68_P_VALUE, region_size
 
 
 def test_loss_terms_are_madminers():

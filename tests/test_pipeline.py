@@ -22,7 +22,7 @@ def _metrics(run_dir: Path) -> dict:
 def _check_outputs(run_dir: Path, *limit_keys: str) -> dict:
     """Plumbing on TINY runs (2 epochs: no estimator quality to bound, see test_truth / test_correctness):
     every metric is the quantity its name says, recomputed from the arrays the run saved."""
-    from app.stats import CL68_P_VALUE
+    from app.domain.stats import CL68_P_VALUE
 
     metrics = _metrics(run_dir)
     results = run_dir / "results"

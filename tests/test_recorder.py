@@ -1,5 +1,5 @@
-"""The MLflow helper process (app.recorder): jobs hand it their records and never import MLflow; it makes the calls
-in order, reports a failed call in one line, and ends with the command, even one killed with SIGKILL."""
+"""The MLflow helper process (app.tracking.recorder): jobs hand it their records and never import MLflow; it makes
+the calls in order, reports a failed call in one line, and ends with the command, even one killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_a_tracked_run_never_imports_mlflow_in_its_process(tmp_path, test_cache)
 
 
 def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
-    from app import recorder
+    from app.tracking import recorder
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "job"
@@ -95,7 +95,7 @@ def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
 
 
 def test_a_store_that_cannot_be_opened_is_reported_once(tmp_path):
-    from app import recorder
+    from app.tracking import recorder
 
     (tmp_path / "afile").write_text("")
     uri = f"sqlite:///{tmp_path}/afile/mlflow.db"  # a file where the database's folder should be
@@ -125,7 +125,7 @@ def test_the_helper_ends_with_a_killed_command(tmp_path, test_cache):
         if "epoch   3/500" in line or time.time() > deadline:
             break
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    helpers = [pid for pid in children if b"app.recorder" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    helpers = [pid for pid in children if b"app.tracking.recorder" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(helpers) == 1, children
     while not _runs(uri)[1]:  # the helper creates the run in the background
         assert time.time() < deadline
@@ -192,7 +192,7 @@ def test_a_database_that_cannot_be_opened_fails_in_seconds(run_app, tmp_path, po
 def test_a_store_gone_for_good_skips_the_later_calls():
     """Once a request has used up the ride-out window (~2 min), the command's later calls are skipped instead of
     each waiting as long again; any other failure only concerns its own call."""
-    from app import recorder
+    from app.tracking import recorder
 
     ops = recorder.Ops()
     ops.uri, ops.runs, ops.dirs = "http://127.0.0.1:1", {"a": "run-a", "b": "run-b"}, {"a": "/out/a", "b": "/out/b"}

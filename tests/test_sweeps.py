@@ -131,7 +131,7 @@ def test_cache_reuses_stages_and_records_provenance(run_app, tmp_path):
     assert "epoch   1/2" not in proc.out  # nothing was retrained
     assert _metrics(third)["val_loss"] == _metrics(second)["val_loss"]
     # the run dir holds its own verified copy with provenance
-    from app import cache
+    from app.store import cache
 
     assert cache.verify(third / "model") is None
     assert cache.read_provenance(third / "model")["configs"]["train"]["training"]["alpha"] == 3.0

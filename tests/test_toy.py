@@ -1,4 +1,4 @@
-"""Tests of app.toy: the generated MadMiner toy file and the model functions behind it."""
+"""Tests of app.toy.simulator: the generated MadMiner toy file and the model functions behind it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from app import toy
+from app.toy import simulator
 
 BENCHMARKS_2D = ["sm", "w"] + [f"morphing_basis_vector_{i}" for i in range(2, 6)]
 BENCHMARKS_1D = ["sm", "w", "morphing_basis_vector_2"]
@@ -36,20 +36,20 @@ def _names(raw):
 
 @pytest.fixture(scope="module")
 def toy2(tmp_path_factory):
-    settings = toy.ToySettings(n_events=50000)
-    return settings, toy.generate_toy_file(settings, tmp_path_factory.mktemp("toy2") / "toy2.h5")
+    settings = simulator.ToySettings(n_events=50000)
+    return settings, simulator.generate_toy_file(settings, tmp_path_factory.mktemp("toy2") / "toy2.h5")
 
 
 @pytest.fixture(scope="module")
 def toy1(tmp_path_factory):
-    settings = toy.ToySettings(n_events=5000, n_parameters=1, seed=7)
-    return settings, toy.generate_toy_file(settings, tmp_path_factory.mktemp("toy1") / "toy1.h5")
+    settings = simulator.ToySettings(n_events=5000, n_parameters=1, seed=7)
+    return settings, simulator.generate_toy_file(settings, tmp_path_factory.mktemp("toy1") / "toy1.h5")
 
 
 # --------------------------------------------------------------------------- module hygiene
-@pytest.mark.parametrize("module", ["app.toy", "app.truth"])
+@pytest.mark.parametrize("module", ["app.toy.simulator", "app.toy.truth"])
 def test_import_does_not_load_madminer_or_torch(module):
-    src = str(Path(toy.__file__).resolve().parents[1])
+    src = str(Path(simulator.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     code = f"import sys, {module}; print(sorted(m for m in ('madminer', 'torch', 'h5py') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -58,10 +58,10 @@ def test_import_does_not_load_madminer_or_torch(module):
 
 # --------------------------------------------------------------------------- determinism and caching
 def test_same_settings_give_identical_events_other_seed_differs(tmp_path):
-    settings = toy.ToySettings(n_events=600, seed=3)
-    a = _read(toy.generate_toy_file(settings, tmp_path / "a.h5"))
-    b = _read(toy.generate_toy_file(settings, tmp_path / "b.h5"))
-    c = _read(toy.generate_toy_file(replace(settings, seed=4), tmp_path / "c.h5"))
+    settings = simulator.ToySettings(n_events=600, seed=3)
+    a = _read(simulator.generate_toy_file(settings, tmp_path / "a.h5"))
+    b = _read(simulator.generate_toy_file(settings, tmp_path / "b.h5"))
+    c = _read(simulator.generate_toy_file(replace(settings, seed=4), tmp_path / "c.h5"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["observations"], c["observations"])
@@ -72,18 +72,18 @@ def test_generation_leaves_numpy_global_rng_alone(tmp_path):
     np.random.seed(99)
     expected = np.random.rand(3)
     np.random.seed(99)
-    toy.generate_toy_file(toy.ToySettings(n_events=300), tmp_path / "t.h5")
+    simulator.generate_toy_file(simulator.ToySettings(n_events=300), tmp_path / "t.h5")
     np.testing.assert_array_equal(np.random.rand(3), expected)
 
 
 def test_ensure_is_content_addressed_and_reuses(tmp_path):
-    settings = toy.ToySettings(n_events=600)
-    first = toy.ensure_toy_file(settings, tmp_path)
-    assert first == toy.toy_file_path(settings, tmp_path)
+    settings = simulator.ToySettings(n_events=600)
+    first = simulator.ensure_toy_file(settings, tmp_path)
+    assert first == simulator.toy_file_path(settings, tmp_path)
     assert first.parent == tmp_path / "toy" and first.name.startswith("toy-") and first.suffix == ".h5"
     assert len(first.stem) == len("toy-") + 12
     os.utime(first, (1_000_000, 1_000_000))
-    second = toy.ensure_toy_file(settings, tmp_path)
+    second = simulator.ensure_toy_file(settings, tmp_path)
     assert second == first
     assert first.stat().st_mtime == 1_000_000  # reused, not regenerated
     for other in (
@@ -92,30 +92,30 @@ def test_ensure_is_content_addressed_and_reuses(tmp_path):
         replace(settings, smearing=0.0),
         replace(settings, n_parameters=1),
     ):
-        assert toy.toy_file_path(other, tmp_path) != first
+        assert simulator.toy_file_path(other, tmp_path) != first
     # the same settings written with other number types are the same file
-    assert toy.toy_file_path(replace(settings, smearing=1), tmp_path) == toy.toy_file_path(
+    assert simulator.toy_file_path(replace(settings, smearing=1), tmp_path) == simulator.toy_file_path(
         replace(settings, smearing=1.0), tmp_path
     )
     assert [p.name for p in (tmp_path / "toy").iterdir()] == [first.name]  # no temporary files left
 
 
 def test_ensure_with_explicit_path(tmp_path):
-    settings = toy.ToySettings(n_events=600)
+    settings = simulator.ToySettings(n_events=600)
     target = tmp_path / "sub" / "mine.h5"
-    assert toy.ensure_toy_file(settings, tmp_path / "cache", path=str(target)) == target
+    assert simulator.ensure_toy_file(settings, tmp_path / "cache", path=str(target)) == target
     assert not (tmp_path / "cache").exists()
     os.utime(target, (1_000_000, 1_000_000))
-    toy.ensure_toy_file(settings, tmp_path / "cache", path=target)
+    simulator.ensure_toy_file(settings, tmp_path / "cache", path=target)
     assert target.stat().st_mtime == 1_000_000  # same settings: reused
-    toy.ensure_toy_file(replace(settings, seed=2), tmp_path / "cache", path=target)
+    simulator.ensure_toy_file(replace(settings, seed=2), tmp_path / "cache", path=target)
     assert target.stat().st_mtime != 1_000_000  # a toy file for other settings: regenerated
-    assert toy.read_toy_settings(target)["seed"] == 2
+    assert simulator.read_toy_settings(target)["seed"] == 2
 
     foreign = tmp_path / "foreign.h5"
     foreign.write_bytes(b"not a toy")
     with pytest.raises(ValueError, match="not a toy file"):
-        toy.ensure_toy_file(settings, tmp_path / "cache", path=foreign)
+        simulator.ensure_toy_file(settings, tmp_path / "cache", path=foreign)
     assert foreign.read_bytes() == b"not a toy"
 
 
@@ -127,7 +127,7 @@ def test_failed_generation_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mm_hdf5, "save_events", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        toy.generate_toy_file(toy.ToySettings(n_events=600), tmp_path / "t.h5")
+        simulator.generate_toy_file(simulator.ToySettings(n_events=600), tmp_path / "t.h5")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -160,18 +160,18 @@ def test_structure(request, which, n_params, names):
     np.testing.assert_array_equal(np.bincount(ids, minlength=len(names)), n_b)
     assert n_b[1:].tolist() == [settings.n_events // len(names)] * (len(names) - 1)
     assert not np.all(np.diff(ids) >= 0)  # shuffled
-    assert toy.read_toy_settings(path) == {**settings.canonical(), "format_version": toy.FORMAT_VERSION}
+    assert simulator.read_toy_settings(path) == {**settings.canonical(), "format_version": simulator.FORMAT_VERSION}
 
 
 def test_file_holds_simulate_events(toy2):
     settings, path = toy2
     data = _read(path)
-    events = toy.simulate_events(settings, data["thetas"])
+    events = simulator.simulate_events(settings, data["thetas"])
     np.testing.assert_array_equal(events.observations, data["observations"])
     np.testing.assert_array_equal(events.weights, data["weights"])
     np.testing.assert_array_equal(events.sampling_ids, data["ids"])
     np.testing.assert_array_equal(events.n_per_benchmark, data["n_per_benchmark"])
-    np.testing.assert_allclose(toy.smeared_from_observables(events.observations), events.xprime, atol=1e-12)
+    np.testing.assert_allclose(simulator.smeared_from_observables(events.observations), events.xprime, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- physics
@@ -181,24 +181,24 @@ def test_morphing_is_exact(request, which):
 
     settings, path = request.getfixturevalue(which)
     data = _read(path)
-    events = toy.simulate_events(settings, data["thetas"])
+    events = simulator.simulate_events(settings, data["thetas"])
     morpher = DataAnalyzer(str(path)).morpher
     rng = np.random.default_rng(0)
     for theta in rng.uniform(-15, 15, size=(4, settings.n_parameters)):
         morphed = data["weights"] @ morpher.calculate_morphing_weights(theta)
-        direct = toy.event_weights(events.z, data["ids"], data["thetas"], data["n_per_benchmark"], [theta])
+        direct = simulator.event_weights(events.z, data["ids"], data["thetas"], data["n_per_benchmark"], [theta])
         np.testing.assert_allclose(morphed, direct[:, 0], rtol=1e-6)
 
 
 def test_morphing_is_exact_without_smearing(tmp_path):
     from madminer.analysis import DataAnalyzer
 
-    path = toy.generate_toy_file(toy.ToySettings(n_events=600, smearing=0.0), tmp_path / "s0.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=600, smearing=0.0), tmp_path / "s0.h5")
     data = _read(path)
-    z = toy.smeared_from_observables(data["observations"])  # smearing 0: x' = z
+    z = simulator.smeared_from_observables(data["observations"])  # smearing 0: x' = z
     theta = np.array([-7.0, 12.0])
     morphed = data["weights"] @ DataAnalyzer(str(path)).morpher.calculate_morphing_weights(theta)
-    direct = toy.event_weights(z, data["ids"], data["thetas"], data["n_per_benchmark"], [theta])[:, 0]
+    direct = simulator.event_weights(z, data["ids"], data["thetas"], data["n_per_benchmark"], [theta])[:, 0]
     np.testing.assert_allclose(morphed, direct, rtol=1e-6)
 
 
@@ -207,7 +207,7 @@ def test_cross_sections(toy2):
 
     _, path = toy2
     data = _read(path)
-    expected = toy.cross_section(data["thetas"])
+    expected = simulator.cross_section(data["thetas"])
     assert expected[0] == pytest.approx(0.006)
     # MadMiner's view (all runs, sampling factors n_b / N), which is what its tools use
     xsecs, _ = DataAnalyzer(str(path)).xsecs()
@@ -223,39 +223,39 @@ def test_cross_sections(toy2):
 
 
 def test_cross_section_formula():
-    assert toy.cross_section([0.0, 0.0]) == pytest.approx(toy.SIGMA_SM)
-    assert toy.cross_section([0.0]) == pytest.approx(toy.SIGMA_SM)
-    k2 = (10 / toy.C0) ** 2
-    sigma_w = toy.SIGMA_SM * (1 + k2 + toy.DELTA) / (1 + toy.DELTA)
-    assert toy.cross_section([10.0, 0.0]) == pytest.approx(sigma_w)
-    assert toy.cross_section([10.0]) == pytest.approx(toy.cross_section([10.0, 0.0]))
+    assert simulator.cross_section([0.0, 0.0]) == pytest.approx(simulator.SIGMA_SM)
+    assert simulator.cross_section([0.0]) == pytest.approx(simulator.SIGMA_SM)
+    k2 = (10 / simulator.C0) ** 2
+    sigma_w = simulator.SIGMA_SM * (1 + k2 + simulator.DELTA) / (1 + simulator.DELTA)
+    assert simulator.cross_section([10.0, 0.0]) == pytest.approx(sigma_w)
+    assert simulator.cross_section([10.0]) == pytest.approx(simulator.cross_section([10.0, 0.0]))
     # numerical integral of dsigma/dz on a grid
     g = np.linspace(-9, 9, 901)
     zz = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1)
     for theta in ([0.0, 0.0], [10.0, -4.0], [-3.0, 8.0]):
-        integral = toy.differential_cross_section(zz, theta).sum() * (g[1] - g[0]) ** 2
-        assert integral == pytest.approx(toy.cross_section(theta), rel=1e-6)
-        smeared = toy.smeared_density(zz, theta, 0.7).sum() * (g[1] - g[0]) ** 2
+        integral = simulator.differential_cross_section(zz, theta).sum() * (g[1] - g[0]) ** 2
+        assert integral == pytest.approx(simulator.cross_section(theta), rel=1e-6)
+        smeared = simulator.smeared_density(zz, theta, 0.7).sum() * (g[1] - g[0]) ** 2
         assert smeared == pytest.approx(1.0, rel=1e-5)
     thetas = np.array([[0.0, 0.0], [10.0, 0.0], [1.0, 2.0]])
-    assert toy.cross_section(thetas).shape == (3,)
+    assert simulator.cross_section(thetas).shape == (3,)
 
 
 @pytest.mark.parametrize("theta", [[0.0, 0.0], [10.0, 0.0], [-6.0, 8.0], [3.0, -40.0]])
 def test_sample_latent_matches_density(theta):
     rng = np.random.default_rng(11)
     n = 200_000
-    z = toy.sample_latent(theta, n, rng)
+    z = simulator.sample_latent(theta, n, rng)
     assert z.shape == (n, 2)
-    a = toy.couplings(theta)
+    a = simulator.couplings(theta)
     k = np.linalg.norm(a)
-    norm = 1 + toy.DELTA + k**2
+    norm = 1 + simulator.DELTA + k**2
     a_hat = a / k if k > 0 else np.array([1.0, 0.0])
     u = z @ a_hat
     v = z @ np.array([-a_hat[1], a_hat[0]])
     se = 5 / np.sqrt(n)
     assert u.mean() == pytest.approx(2 * k / norm, abs=5 * se * np.sqrt((1 + 3 * k**2) / norm))
-    assert (u**2).mean() == pytest.approx((1 + toy.DELTA + 3 * k**2) / norm, abs=10 * se * (1 + k))
+    assert (u**2).mean() == pytest.approx((1 + simulator.DELTA + 3 * k**2) / norm, abs=10 * se * (1 + k))
     assert v.mean() == pytest.approx(0.0, abs=se)
     assert (v**2).mean() == pytest.approx(1.0, abs=2 * se)
     # histogram of u against the analytic marginal phi(u) [(1 + k u)^2 + DELTA] / norm
@@ -263,7 +263,7 @@ def test_sample_latent_matches_density(theta):
     counts, _ = np.histogram(u, bins=edges)
     centres = 0.5 * (edges[1:] + edges[:-1])
     fine = np.linspace(-4, 4, 32 * 50 + 1)
-    dens = np.exp(-0.5 * fine**2) / np.sqrt(2 * np.pi) * ((1 + k * fine) ** 2 + toy.DELTA) / norm
+    dens = np.exp(-0.5 * fine**2) / np.sqrt(2 * np.pi) * ((1 + k * fine) ** 2 + simulator.DELTA) / norm
     probs = np.add.reduceat(dens[:-1] * (fine[1] - fine[0]), np.arange(0, 32 * 50, 50))
     expected = n * probs
     keep = expected > 50
@@ -274,32 +274,32 @@ def test_sample_latent_matches_density(theta):
 def test_smearing_and_observables_transforms():
     rng = np.random.default_rng(5)
     z = rng.standard_normal((1000, 2))
-    np.testing.assert_array_equal(toy.smear(z, 0.0, np.random.default_rng(1)), z)
-    xprime = toy.smear(z, 0.5, np.random.default_rng(1))
+    np.testing.assert_array_equal(simulator.smear(z, 0.0, np.random.default_rng(1)), z)
+    xprime = simulator.smear(z, 0.5, np.random.default_rng(1))
     assert np.std(xprime - z) == pytest.approx(0.5, rel=0.1)
-    x = toy.observables_from_smeared(xprime)
+    x = simulator.observables_from_smeared(xprime)
     assert np.all(x[:, 0] > 0)
     np.testing.assert_allclose(x[:, 0], 150 * np.exp(0.6 * xprime[:, 0]))
     np.testing.assert_array_equal(x[:, 1], xprime[:, 1])
-    np.testing.assert_allclose(toy.smeared_from_observables(x), xprime, atol=1e-12)
+    np.testing.assert_allclose(simulator.smeared_from_observables(x), xprime, atol=1e-12)
     # densities: smearing 0 is the latent density; the observable density carries the Jacobian
     theta = [4.0, -2.0]
-    np.testing.assert_allclose(toy.smeared_density(z, theta, 0.0), toy.latent_density(z, theta), rtol=1e-12)
+    np.testing.assert_allclose(simulator.smeared_density(z, theta, 0.0), simulator.latent_density(z, theta), rtol=1e-12)
     np.testing.assert_allclose(
-        toy.observables_density(x, theta, 0.5), toy.smeared_density(xprime, theta, 0.5) / (0.6 * x[:, 0])
+        simulator.observables_density(x, theta, 0.5), simulator.smeared_density(xprime, theta, 0.5) / (0.6 * x[:, 0])
     )
 
 
 def test_smeared_density_matches_simulation():
     rng = np.random.default_rng(2)
     theta, s, n = [8.0, 5.0], 0.8, 400_000
-    xprime = toy.smear(toy.sample_latent(theta, n, rng), s, rng)
+    xprime = simulator.smear(simulator.sample_latent(theta, n, rng), s, rng)
     edges = np.linspace(-4, 4, 17)
     counts, _, _ = np.histogram2d(xprime[:, 0], xprime[:, 1], bins=[edges, edges])
     fine = np.linspace(-4, 4, 16 * 20 + 1)
     mid = 0.5 * (fine[1:] + fine[:-1])
     grid = np.stack(np.meshgrid(mid, mid, indexing="ij"), axis=-1)
-    dens = toy.smeared_density(grid, theta, s) * (fine[1] - fine[0]) ** 2
+    dens = simulator.smeared_density(grid, theta, s) * (fine[1] - fine[0]) ** 2
     expected = n * dens.reshape(16, 20, 16, 20).sum(axis=(1, 3))
     keep = expected > 100
     pulls = (counts[keep] - expected[keep]) / np.sqrt(expected[keep])
@@ -307,11 +307,11 @@ def test_smeared_density_matches_simulation():
 
 
 def test_couplings_shapes():
-    np.testing.assert_array_equal(toy.couplings([3.0, 4.0]), [1.0, 1.0])
-    np.testing.assert_array_equal(toy.couplings([[3.0], [6.0]]), [[1.0, 0.0], [2.0, 0.0]])
-    assert toy.amplitude_squared(np.zeros((5, 2)), [1.0, 1.0]).shape == (5,)
+    np.testing.assert_array_equal(simulator.couplings([3.0, 4.0]), [1.0, 1.0])
+    np.testing.assert_array_equal(simulator.couplings([[3.0], [6.0]]), [[1.0, 0.0], [2.0, 0.0]])
+    assert simulator.amplitude_squared(np.zeros((5, 2)), [1.0, 1.0]).shape == (5,)
     with pytest.raises(ValueError):
-        toy.couplings([1.0, 2.0, 3.0])
+        simulator.couplings([1.0, 2.0, 3.0])
 
 
 # --------------------------------------------------------------------------- MadMiner accepts it
@@ -389,10 +389,10 @@ def test_madminer_tools_accept_the_one_parameter_file(toy1):
     ],
 )
 def test_bad_settings_raise_helpful_value_error(tmp_path, kwargs, match):
-    settings = toy.ToySettings(**kwargs)
+    settings = simulator.ToySettings(**kwargs)
     for call in (
-        lambda: toy.ensure_toy_file(settings, tmp_path),
-        lambda: toy.generate_toy_file(settings, tmp_path / "t.h5"),
+        lambda: simulator.ensure_toy_file(settings, tmp_path),
+        lambda: simulator.generate_toy_file(settings, tmp_path / "t.h5"),
     ):
         with pytest.raises(ValueError, match=match) as err:
             call()
@@ -401,7 +401,7 @@ def test_bad_settings_raise_helpful_value_error(tmp_path, kwargs, match):
 
 
 def test_minimum_settings_work(tmp_path):
-    path = toy.ensure_toy_file(toy.ToySettings(n_events=30, n_parameters=1, smearing=0), tmp_path)
+    path = simulator.ensure_toy_file(simulator.ToySettings(n_events=30, n_parameters=1, smearing=0), tmp_path)
     data = _read(path)
     assert data["observations"].shape == (30, 2)
-    assert json.loads(json.dumps(toy.read_toy_settings(path)))["smearing"] == 0.0
+    assert json.loads(json.dumps(simulator.read_toy_settings(path)))["smearing"] == 0.0

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from app import tracking
+from app.tracking import backend
 
 
 def test_redact_keys_and_uri_credentials():
@@ -18,7 +18,7 @@ def test_redact_keys_and_uri_credentials():
         "list": ["https://bob:pw@host/x", "fine"],
         "session_token": None,
     }
-    out = tracking.redact(tree)
+    out = backend.redact(tree)
     assert out["db_password"] == "***" and out["session_token"] == "***"
     assert out["nested"] == {"API_KEY": "***", "apikey": "***", "credentials": "***", "ok": 1}
     assert out["uri"] == "postgresql://***@db:5432/mlflow"
@@ -28,13 +28,13 @@ def test_redact_keys_and_uri_credentials():
 
 def test_redact_text_key_value_pairs():
     text = "+vars.db_password=hunter2 training=alices secret: s3cr3t api_key=abc,token=t0k"
-    out = tracking.redact_text(text)
+    out = backend.redact_text(text)
     assert "hunter2" not in out and "s3cr3t" not in out and "abc" not in out and "t0k" not in out
     assert "training=alices" in out and "+vars.db_password=***" in out
 
 
 def test_flatten_dotted_keys_and_compact_json():
-    flat = tracking.flatten(
+    flat = backend.flatten(
         {"training": {"alpha": 1.0, "n_hidden": [100, 100], "clip": None, "early": True},
          "sampling": {"theta0": {"priors": [["gaussian", 0.0, 1.0]]}}, "vars": {}, "stage": "all"}
     )
@@ -51,9 +51,9 @@ def test_flatten_dotted_keys_and_compact_json():
 
 def test_truncate_marks_long_values():
     value = "x" * 7000
-    out = tracking.truncate(value, 6000)
-    assert len(out) == 6000 and out.endswith(tracking.TRUNCATED)
-    assert tracking.truncate("short", 6000) == "short"
+    out = backend.truncate(value, 6000)
+    assert len(out) == 6000 and out.endswith(backend.TRUNCATED)
+    assert backend.truncate("short", 6000) == "short"
 
 
 def _serve(handler_delay: float):
@@ -82,9 +82,9 @@ def _serve(handler_delay: float):
 
 
 def _fresh_http_env(monkeypatch):
-    for name in {*tracking.HTTP_DEFAULTS, *tracking.HTTP_RIDE_OUT}:
+    for name in {*backend.HTTP_DEFAULTS, *backend.HTTP_RIDE_OUT}:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(tracking, "_SET_HERE", set())
+    monkeypatch.setattr(backend, "_SET_HERE", set())
 
 
 def test_a_busy_server_is_not_unreachable(monkeypatch):
@@ -95,7 +95,7 @@ def test_a_busy_server_is_not_unreachable(monkeypatch):
     server = _serve(7.0)
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
-        assert tracking.ensure_experiment(uri, "toy") == "7"
+        assert backend.ensure_experiment(uri, "toy") == "7"
     finally:
         server.shutdown()
 
@@ -108,8 +108,8 @@ def test_a_refused_port_fails_within_seconds(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         start = time.time()
-        with pytest.raises(tracking.TrackingUnavailable, match=rf"unreachable \(cannot connect to 127.0.0.1:{port}"):
-            tracking.ensure_experiment(f"http://127.0.0.1:{port}", "toy")
+        with pytest.raises(backend.TrackingUnavailable, match=rf"unreachable \(cannot connect to 127.0.0.1:{port}"):
+            backend.ensure_experiment(f"http://127.0.0.1:{port}", "toy")
     assert time.time() - start < 3
 
 
@@ -133,7 +133,7 @@ def test_the_dataset_insert_race_is_retried(tmp_path):
     which left that job's run RUNNING. The dataset exists by then: linking it again succeeds."""
     from mlflow.exceptions import MlflowException
 
-    from app import recorder
+    from app.tracking import recorder
 
     events = tmp_path / "events.h5"
     events.write_bytes(b"x")
@@ -150,5 +150,5 @@ def test_the_dataset_insert_race_is_retried(tmp_path):
 
 
 def test_a_uri_without_a_valid_port_is_one_line():
-    with pytest.raises(tracking.TrackingUnavailable, match=r"unreachable \(no valid port in db:abc\)"):
-        tracking.probe_server("http://user:pw@db:abc")
+    with pytest.raises(backend.TrackingUnavailable, match=r"unreachable \(no valid port in db:abc\)"):
+        backend.probe_server("http://user:pw@db:abc")

@@ -1,4 +1,4 @@
-"""Ground truth of the toy (app.truth) and the truth_* metrics of the evaluate stage.
+"""Ground truth of the toy (app.toy.truth) and the truth_* metrics of the evaluate stage.
 
 Bounds of the end-to-end checks were measured on CPU runs with seeds 1-10 of the default configuration;
 the measured values and margins are listed in docs/toy.md ("Truth metrics").
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from app import toy
-from app.truth import ToyTruth, compare_regions, q_threshold, refine
+from app.toy import simulator
+from app.toy.truth import ToyTruth, compare_regions, q_threshold, refine
 
 # --------------------------------------------------------------------------- bounds (see docs/toy.md)
 # Measured on CPU (2 cores, torch 2.13) with the default configuration; "untrained" = the same network
@@ -32,7 +32,7 @@ SALLY_LIMITS_IOU_MIN = 0.70  # trained: default run 0.832 (on the former ±20 gr
 
 
 def _x(rng, n, smearing=0.5):
-    return toy.observables_from_smeared(rng.standard_normal((n, 2)) * np.sqrt(1 + smearing**2))
+    return simulator.observables_from_smeared(rng.standard_normal((n, 2)) * np.sqrt(1 + smearing**2))
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -47,7 +47,7 @@ def test_log_likelihood_is_the_toy_density(n_parameters, smearing):
     truth = ToyTruth(smearing, n_parameters)
     x = _x(rng, 500, smearing)
     thetas = rng.uniform(-20, 20, (7, n_parameters))
-    expected = toy.observables_density(x[None], thetas[:, None], smearing)
+    expected = simulator.observables_density(x[None], thetas[:, None], smearing)
     np.testing.assert_allclose(np.exp(truth.log_likelihood(x[None], thetas[:, None])), expected, rtol=1e-12)
     grid = truth.log_likelihood_grid(x, thetas)
     assert grid.shape == (7, 500)
@@ -57,7 +57,7 @@ def test_log_likelihood_is_the_toy_density(n_parameters, smearing):
         truth.log_r_grid(x, thetas, theta1), np.log(expected) - np.log(expected[3]), atol=1e-12
     )
     np.testing.assert_allclose(truth.log_r(x, thetas[0], theta1), grid[0] - grid[3], atol=1e-12)
-    np.testing.assert_allclose(truth.cross_section(thetas), toy.cross_section(thetas))
+    np.testing.assert_allclose(truth.cross_section(thetas), simulator.cross_section(thetas))
     with pytest.raises(ValueError, match="theta must have shape"):
         truth.log_likelihood(x, np.zeros(3))
 
@@ -71,10 +71,10 @@ def test_density_integrates_to_one_in_observable_space(n_parameters):
     edges = np.linspace(-half, half, 1201)
     mid = 0.5 * (edges[1:] + edges[:-1])
     h = edges[1] - edges[0]
-    log_pt = np.log(toy.PT_SCALE) + toy.PT_SLOPE * mid  # u = log(pt_j1): dpt = pt du
+    log_pt = np.log(simulator.PT_SCALE) + simulator.PT_SLOPE * mid  # u = log(pt_j1): dpt = pt du
     pt, dphi = np.meshgrid(np.exp(log_pt), mid, indexing="ij")
     x = np.stack([pt.ravel(), dphi.ravel()], axis=1)
-    jac = pt.ravel() * toy.PT_SLOPE * h * h  # d pt d dphi = pt * PT_SLOPE dx'_1 * dx'_2
+    jac = pt.ravel() * simulator.PT_SLOPE * h * h  # d pt d dphi = pt * PT_SLOPE dx'_1 * dx'_2
     thetas = np.array([[0.0, 0.0], [10.0, 0.0], [-6.0, 8.0], [20.0, -20.0]])[:, :n_parameters]
     integrals = np.exp(truth.log_likelihood_grid(x, thetas)) @ jac
     np.testing.assert_allclose(integrals, 1.0, atol=1e-8)
@@ -108,8 +108,8 @@ def test_density_matches_high_statistics_histogram_of_generated_events():
     """400k events drawn from the toy's generator at one theta, binned in the observables (pt_j1, delta_phi_jj)."""
     rng = np.random.default_rng(3)
     theta, smearing, n = np.array([7.0, -5.0]), 0.5, 400_000
-    x = toy.observables_from_smeared(toy.smear(toy.sample_latent(theta, n, rng), smearing, rng))
-    pt_edges = toy.PT_SCALE * np.exp(toy.PT_SLOPE * np.linspace(-3.5, 3.5, 15))
+    x = simulator.observables_from_smeared(simulator.smear(simulator.sample_latent(theta, n, rng), smearing, rng))
+    pt_edges = simulator.PT_SCALE * np.exp(simulator.PT_SLOPE * np.linspace(-3.5, 3.5, 15))
     phi_edges = np.linspace(-3.5, 3.5, 15)
     counts, _, _ = np.histogram2d(x[:, 0], x[:, 1], bins=[pt_edges, phi_edges])
     expected = n * _bin_probabilities(ToyTruth(smearing, 2), theta, pt_edges, phi_edges)
@@ -134,8 +134,8 @@ def _bin_probabilities(truth, theta, pt_edges, phi_edges, sub=20):
 
 @pytest.fixture(scope="module")
 def toy_file(tmp_path_factory):
-    settings = toy.ToySettings(n_events=60_000, seed=5)
-    return settings, toy.generate_toy_file(settings, tmp_path_factory.mktemp("truth") / "toy.h5")
+    settings = simulator.ToySettings(n_events=60_000, seed=5)
+    return settings, simulator.generate_toy_file(settings, tmp_path_factory.mktemp("truth") / "toy.h5")
 
 
 def test_cross_section_and_density_agree_with_the_toy_file(toy_file):
@@ -153,7 +153,7 @@ def test_cross_section_and_density_agree_with_the_toy_file(toy_file):
     assert np.all(np.abs(xsecs - exact) < 4 * errors), (xsecs, exact, errors)
     np.testing.assert_allclose(xsecs, exact, rtol=0.03)
 
-    pt_edges = toy.PT_SCALE * np.exp(toy.PT_SLOPE * np.linspace(-3, 3, 9))
+    pt_edges = simulator.PT_SCALE * np.exp(simulator.PT_SLOPE * np.linspace(-3, 3, 9))
     phi_edges = np.linspace(-3, 3, 9)
     for theta in thetas[[0, 2]]:
         x, weights = analyzer.weighted_events(theta=theta)
@@ -170,7 +170,7 @@ def test_from_file_only_for_toy_files(toy_file, tmp_path):
     other = tmp_path / "other.h5"
     shutil.copy(path, other)
     with h5py.File(other, "a") as f:
-        del f.attrs[toy.SETTINGS_ATTR]
+        del f.attrs[simulator.SETTINGS_ATTR]
     assert ToyTruth.from_file(other) is None
     assert ToyTruth.from_file(tmp_path / "missing.h5") is None
     (tmp_path / "text.h5").write_text("not hdf5")
@@ -186,8 +186,8 @@ def test_zero_smearing_makes_madminer_joint_quantities_the_truth(tmp_path, n_par
     from madminer.sampling import SampleAugmenter, benchmark, random_morphing_points
 
     def differences(smearing):
-        settings = toy.ToySettings(n_events=6000, n_parameters=n_parameters, smearing=smearing)
-        path = toy.generate_toy_file(settings, tmp_path / f"s{smearing}.h5")
+        settings = simulator.ToySettings(n_events=6000, n_parameters=n_parameters, smearing=smearing)
+        path = simulator.generate_toy_file(settings, tmp_path / f"s{smearing}.h5")
         augmenter = SampleAugmenter(str(path))
         truth = ToyTruth.from_file(path)
         split = dict(partition="train", test_split=0.2, validation_split=0.2)
@@ -197,9 +197,9 @@ def test_zero_smearing_makes_madminer_joint_quantities_the_truth(tmp_path, n_par
             unique, index = np.unique(thetas, axis=0, return_inverse=True)
             mc, _ = augmenter.xsecs(thetas=list(unique), **split)
             grad = augmenter.xsec_gradients(thetas=list(unique), gradients="theta", **split)
-            a = toy.couplings(unique)
-            jac = np.diag([1 / toy.C0, 1 / toy.C1])[:, :n_parameters]
-            exact_grad = 2 * a / (1 + np.sum(a * a, axis=-1, keepdims=True) + toy.DELTA) @ jac
+            a = simulator.couplings(unique)
+            jac = np.diag([1 / simulator.C0, 1 / simulator.C1])[:, :n_parameters]
+            exact_grad = 2 * a / (1 + np.sum(a * a, axis=-1, keepdims=True) + simulator.DELTA) @ jac
             index = index.ravel()
             return (
                 np.log(truth.cross_section(unique) / mc)[index],
@@ -236,9 +236,9 @@ def test_expected_limits_are_madminer_statistic_with_a_perfect_estimator(toy_fil
     (measured: |delta p| < 0.03, IoU >= 0.92 for the kinematic modes)."""
     import madminer.limits.asymptotic_limits as asymptotic_limits
 
-    from app import compat
+    from app.ml import madminer_patches
 
-    compat.apply()
+    madminer_patches.apply()
     _, path = toy_file
     truth = ToyTruth.from_file(path)
 
@@ -287,7 +287,7 @@ def test_expected_limits_options_and_shapes():
     x = _x(np.random.default_rng(4), 3000)
     limits = truth.expected_limits(grid, [0.0], x, luminosity=1e4)
     assert limits.p_values.shape == (41,) and limits.p_values[limits.i_ml] == pytest.approx(1.0)
-    assert limits.n_events == pytest.approx(1e4 * toy.SIGMA_SM)
+    assert limits.n_events == pytest.approx(1e4 * simulator.SIGMA_SM)
     kin = truth.expected_limits(grid, [0.0], x, luminosity=1e4, include_xsec=False)
     np.testing.assert_array_equal(kin.log_likelihood_rate, 0.0)
     rate = truth.expected_limits(grid, [0.0], x, luminosity=1e4, include_kinematics=False)
@@ -344,7 +344,7 @@ def tiny_estimators(tmp_path_factory):
     from madminer import ml
     from madminer.sampling import SampleAugmenter, benchmark, random_morphing_points
 
-    path = toy.generate_toy_file(toy.ToySettings(n_events=3000), tmp_path_factory.mktemp("tiny") / "toy.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=3000), tmp_path_factory.mktemp("tiny") / "toy.h5")
     augmenter = SampleAugmenter(str(path))
     prior = random_morphing_points(10, [("flat", -10, 10)] * 2)
     np.random.seed(1)
@@ -410,17 +410,17 @@ def test_truth_metrics_skipped_with_one_reason(tmp_path, caplog):
 
     from omegaconf import OmegaConf
 
-    from app.datafile import inspect
+    from app.domain.datafile import inspect
     from app.stages.evaluate import truth_for
 
-    path = toy.generate_toy_file(toy.ToySettings(n_events=600), tmp_path / "toy.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=600), tmp_path / "toy.h5")
     info = inspect(path)
     on = OmegaConf.create({"evaluation": {"truth": True}})
     assert truth_for(on, info) == ToyTruth(0.5, 2)
     with caplog.at_level(logging.INFO, logger="app.stages.evaluate"):
         assert truth_for(OmegaConf.create({"evaluation": {"truth": False}}), info) is None
         with h5py.File(path, "a") as f:
-            del f.attrs[toy.SETTINGS_ATTR]
+            del f.attrs[simulator.SETTINGS_ATTR]
         assert truth_for(on, info) is None
     assert [r.getMessage() for r in caplog.records] == [
         "truth metrics skipped: evaluation.truth=false",
@@ -446,7 +446,8 @@ def _check_scalar_metrics(metrics: dict) -> None:
 
 
 def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(run_app, tmp_path):
-    from app import datafile, estimators
+    from app.domain import datafile
+    from app.ml import estimators
     from app.stages.evaluate import benchmark_points, truth_log_r_metrics
 
     proc = run_app("objective.metric=truth_log_r_mse")
@@ -493,7 +494,7 @@ def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(
 
 
 def test_default_sally_run_reaches_the_score_and_limit_bounds(run_app, tmp_path):
-    from app import estimators
+    from app.ml import estimators
     from app.stages.evaluate import truth_score_metrics
 
     proc = run_app("training=sally", "objective.metric=truth_score_mse")
@@ -516,7 +517,7 @@ def test_default_sally_run_reaches_the_score_and_limit_bounds(run_app, tmp_path)
 
 
 def test_density_method_reports_likelihood_gap(run_app, tmp_path):
-    from app import estimators
+    from app.ml import estimators
 
     run_app("training=nde", "training.n_mades=2", *TINY)
     metrics = _metrics(tmp_path / "run")
@@ -535,9 +536,9 @@ def test_density_method_reports_likelihood_gap(run_app, tmp_path):
 
 
 def test_file_without_truth_has_no_truth_metrics(run_app, tmp_path):
-    path = toy.generate_toy_file(toy.ToySettings(n_events=4000), tmp_path / "events.h5")
+    path = simulator.generate_toy_file(simulator.ToySettings(n_events=4000), tmp_path / "events.h5")
     with h5py.File(path, "a") as f:
-        del f.attrs[toy.SETTINGS_ATTR]
+        del f.attrs[simulator.SETTINGS_ATTR]
     tiny = [a for a in TINY if not a.startswith("data.")]
     proc = run_app("data=file", f"data.path={path}", *tiny, "objective.metric=truth_log_r_mse", check=False)
     assert proc.returncode == 2, proc.out[-3000:]

@@ -47,9 +47,9 @@ def _runs(tmp_path: Path):
 
 
 def _toy_copy(cache_dir: Path, target: Path) -> Path:
-    from app import toy
+    from app.toy import simulator
 
-    source = toy.ensure_toy_file(toy.ToySettings(n_events=4000, seed=3), cache_dir)
+    source = simulator.ensure_toy_file(simulator.ToySettings(n_events=4000, seed=3), cache_dir)
     shutil.copy(source, target)
     return target
 

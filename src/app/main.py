@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
 from app.errors import UserError
-from app.tracking import redact_log_records
+from app.tracking.backend import redact_log_records
 
 
 def config_dir() -> str:
@@ -173,7 +173,7 @@ def _open_optuna_storage(url: str) -> None:
     from optuna.storages import get_storage
 
     from app.sweep import prepare_storage
-    from app.tracking import redact_text
+    from app.tracking.backend import redact_text
 
     try:
         prepare_storage(url)  # sqlite: the database's folder (multirun/ for the presets) may not exist yet
@@ -193,8 +193,8 @@ def _fail_early(message: str) -> None:
 
 
 def _end_tracking(status: str, error: BaseException | None) -> None:
-    if "app.callbacks" in sys.modules:
-        sys.modules["app.callbacks"].end_active_run(status, error)
+    if "app.tracking.callback" in sys.modules:
+        sys.modules["app.tracking.callback"].end_active_run(status, error)
 
 
 def _list_groups_cheaply() -> None:

@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> float | None:
     _share_cores(hydra_cfg)
     cfg = _plain(cfg)
     if cfg.cache["clear"]:  # (item access: DictConfig.clear is a method)
-        from app import cache
+        from app.store import cache
 
         freed = cache.StageCache(cfg.paths.cache_dir).clear()
         log.info("emptied the cache %s (%.1f MB freed)", cfg.paths.cache_dir, freed / 1e6)
@@ -43,13 +43,13 @@ def run(cfg: DictConfig) -> float | None:
     log.info("madminer-sweeper | %s", " ".join(shown))
     log.info("stages: %s | output dir: %s", " -> ".join(stages), out_dir)
 
-    from app import datafile
-    from app.validate import check_config
+    from app.domain import datafile
+    from app.domain.validate import check_config
 
     with _timed("data"):
         info = datafile.resolve(cfg.data, cfg.paths.cache_dir)
         method = check_config(cfg, info)
-    from app import metrics as metric_table
+    from app.domain import metrics as metric_table
 
     objective = metric_table.objective(cfg.objective.metric, cfg.objective.direction, method.name)
     _check_search_objective(hydra_cfg, objective[0])
@@ -61,9 +61,9 @@ def run(cfg: DictConfig) -> float | None:
         ", ".join(info.observables),
     )
 
-    from app import cache as cache_mod
-    from app.io import read_json, update_json
     from app.stages import evaluate, plot, sample, train
+    from app.store import cache as cache_mod
+    from app.store.files import read_json, update_json
 
     # What the tracking callback reads about this job (stages themselves know nothing about MLflow).
     run_file = out_dir / "run.json"
@@ -134,7 +134,7 @@ class _Stages:
     """Runs a stage through the stage cache (or takes the folder the user gave), and records what happened."""
 
     def __init__(self, cfg: DictConfig, method, info, out_dir: Path, digest: str, producer: dict) -> None:
-        from app import cache, provenance
+        from app.store import cache, provenance
 
         self.cfg, self.method, self.info, self.out_dir, self.digest = cfg, method, info, out_dir, digest
         self.producer = producer
@@ -163,7 +163,7 @@ class _Stages:
         and settings: the ``baseline`` entries of the stage cache (computed directly when the cache is off)."""
         import numpy as np
 
-        from app import cache
+        from app.store import cache
 
         if not self.cache.enabled:
             return compute()
@@ -185,8 +185,8 @@ class _Stages:
         """The plot stage: ``draw(folder)`` writes ``folder/plots``. Its figures follow from the evaluate stage's
         results and the model's training history only, so with a cached evaluation they are cached too, under
         a key that chains to it (a warm sweep copies them instead of drawing them again)."""
-        from app import cache
-        from app.io import atomic_dir
+        from app.store import cache
+        from app.store.files import atomic_dir
 
         upstream = self.keys.get("evaluate")
         if not self.cache.enabled or self.record.get("evaluate", {}).get("status") not in ("reused", "computed"):
@@ -202,13 +202,13 @@ class _Stages:
         self.record["plot"] = {"key": key, "status": "reused" if reused else "computed"}
 
     def is_given(self, stage: str) -> bool:
-        from app import provenance
+        from app.store import provenance
 
         return bool(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
 
     def given(self, stage: str) -> Path:
         """A folder the user named (sampling.samples_dir, ...), after its provenance check."""
-        from app import provenance
+        from app.store import provenance
 
         folder = Path(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
         found = provenance.check_given(stage, folder, self.configs, self.digest, self.method)
@@ -219,8 +219,8 @@ class _Stages:
 
     def produce(self, stage: str, build) -> Path:
         """The stage's folder in the run dir: given, reused from the cache, or computed (and cached)."""
-        from app import cache, provenance
-        from app.io import atomic_dir
+        from app.store import cache, provenance
+        from app.store.files import atomic_dir
 
         name = provenance.FOLDERS[stage]
         meta = self._meta(stage)
@@ -274,7 +274,7 @@ def _objective(name: str, metrics: dict) -> float | None:
 
 def _check_search_objective(hydra_cfg, metric: str) -> None:
     """An Optuna search must not rank trials with a number that a tuned parameter itself shifts."""
-    from app import metrics as metric_table
+    from app.domain import metrics as metric_table
 
     params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
     found = metric_table.spec(metric)
@@ -305,7 +305,7 @@ def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str
 
 
 def tracking_redacted(uri: str) -> str:
-    from app.tracking import redact_text
+    from app.tracking.backend import redact_text
 
     return redact_text(uri).rstrip("/")
 

@@ -36,7 +36,7 @@ class Failure:
 
 FAILURES: list[Failure] = []  # failed jobs of this process's sweep (the sweeper and the callbacks share it)
 STATE: dict[str, Any] = {"launched": 0, "stopped": None}
-TRACKING_ERRORS: list[str] = []  # MLflow calls of the sweep that failed for good (app.callbacks), one line each
+TRACKING_ERRORS: list[str] = []  # MLflow calls of the sweep that failed for good (app.tracking.callback), one line each
 
 
 class BudgetExceeded(Exception):

@@ -40,8 +40,8 @@ import traceback
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from app.callbacks import PARENT_ENV  # the step's run nests under the run named there
 from app.errors import UserError
+from app.tracking.callback import PARENT_ENV  # the step's run nests under the run named there
 
 # The specs ship inside the wheel as app/yadage; in a source checkout they are workflow/yadage.
 _PACKAGED = Path(__file__).resolve().parent / "yadage"
@@ -131,7 +131,7 @@ def protect_secrets(overrides: list[str], uri: str) -> tuple[list[str], str, lis
     environment variable the steps need (to pass into containers). Sets them in ``os.environ``, which
     yadage's local steps inherit.
     """
-    from app.tracking import SECRET_KEY, URI_CREDENTIALS, redact_text
+    from app.tracking.backend import SECRET_KEY, URI_CREDENTIALS, redact_text
 
     names: list[str] = []
     safe: list[str] = []
@@ -202,18 +202,18 @@ def default_tracking(overrides: list[str]) -> tuple[str, str]:
 
 
 def _client(uri: str):
-    from app import tracking
+    from app.tracking import backend
 
     uri = expand(uri)
-    tracking.configure(uri)
-    return tracking.client(uri)
+    backend.configure(uri)
+    return backend.client(uri)
 
 
 # ---------------------------------------------------------------------------- step: setup
 def setup(args) -> None:
-    from app import datafile
-    from app.methods import get_method
-    from app.validate import check_config
+    from app.domain import datafile
+    from app.domain.methods import get_method
+    from app.domain.validate import check_config
 
     workdir = Path(args.workdir)
     data = decode(args.data)
@@ -236,7 +236,7 @@ def setup(args) -> None:
     tracking = None
     uri, experiment, run_name = decode(args.tracking_uri), decode(args.experiment), decode(args.run_name)
     if uri != NONE:
-        from app import tracking as tr
+        from app.tracking import backend as tr
 
         experiment_id = tr.ensure_experiment(expand(uri), experiment)
         c = _client(uri)
@@ -269,7 +269,7 @@ def _data_args(data: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- steps: sample/train/evaluate
 def step(args) -> None:
-    from app.methods import get_method
+    from app.domain.methods import get_method
 
     spec = json.loads(Path(args.spec).read_text())
     workdir = Path(args.workdir)
@@ -349,10 +349,10 @@ def _record_failure(spec: dict, workdir: Path, label: str, error: str) -> str:
     (workdir / ERROR_FILE).write_text(json.dumps({"step": label, "error": error, "workdir": str(workdir)}))
     t = spec.get("tracking")
     if t:
-        from app import tracking
+        from app.tracking import backend
 
         c = _client(t["uri"])
-        tracking.set_tags(c, t["parent_run_id"], {"error": message, "failed_step": label})
+        backend.set_tags(c, t["parent_run_id"], {"error": message, "failed_step": label})
         c.set_terminated(t["parent_run_id"], "FAILED")
     return message
 
@@ -366,7 +366,7 @@ def compare(args) -> None:
     """Every method's metrics in a CSV and their 68 % CL contours in one plot, on the parent run."""
     from types import SimpleNamespace
 
-    from app.comparison import _methods_overlay
+    from app.tracking.comparison import _methods_overlay
 
     spec = json.loads(Path(args.spec).read_text())
     workdir = Path(args.workdir)
@@ -394,12 +394,12 @@ def compare(args) -> None:
     _methods_overlay(runs, plot_file)
     t = spec["tracking"]
     if t is not None:
-        from app import tracking
+        from app.tracking import backend
 
         c = _client(t["uri"])
         for path in (csv_file, plot_file):
             c.log_artifact(t["parent_run_id"], str(path), "comparison")
-        tracking.set_tags(c, t["parent_run_id"], {"n_methods": len(rows)})
+        backend.set_tags(c, t["parent_run_id"], {"n_methods": len(rows)})
         c.set_terminated(t["parent_run_id"], "FINISHED")
     _publish(workdir, {"plot": str(plot_file), "csv": str(csv_file)})
     print(f"comparison: {plot_file} {csv_file}")
@@ -470,16 +470,16 @@ def _report(workdir: Path, uri: str, run_name: str, failure: str | None, served:
         if t:
             c = _client(uri)
             if c.get_run(t["parent_run_id"]).info.status == "RUNNING":
-                from app import tracking
+                from app.tracking import backend
 
-                tracking.set_tags(c, t["parent_run_id"], {"error": message})
+                backend.set_tags(c, t["parent_run_id"], {"error": message})
                 c.set_terminated(t["parent_run_id"], "FAILED")
         print(f"error: {message}", file=sys.stderr)
         return 1
     print(f"comparison: {workdir / 'comparing' / 'limits_by_method.png'}")
     print(f"metrics:    {workdir / 'comparing' / 'comparison.csv'}")
     if t:
-        from app.tracking import redact_text
+        from app.tracking.backend import redact_text
 
         shown_uri = redact_text(expand(uri))
         ui = shown_uri if not shown_uri.startswith("http") else None

@@ -274,9 +274,9 @@ def test_docs_table_lists_every_row():
 @pytest.fixture(scope="session")
 def toy_file(cache_dir) -> Path:
     """The TINY toy file, in the session cache the CLI uses too."""
-    from app import toy
+    from app.toy import simulator
 
-    return toy.ensure_toy_file(toy.ToySettings(n_events=4000), cache_dir)
+    return simulator.ensure_toy_file(simulator.ToySettings(n_events=4000), cache_dir)
 
 
 def _unprivileged() -> list[str]:

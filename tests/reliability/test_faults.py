@@ -47,7 +47,7 @@ def _numbers(run_dir: Path) -> dict:
 @pytest.mark.parametrize("stage,after", [("sample", "stage data "), ("train", "stage sample "),
                                          ("evaluate", "stage train ")])
 def test_kill_9_in_a_stage_then_the_same_command_completes(tmp_path, cache_dir, stage, after):
-    from app import cache as cache_mod
+    from app.store import cache as cache_mod
 
     clean_cache = _cache(tmp_path, "clean", cache_dir / "toy")
     subprocess.run(_cmd(tmp_path / "clean"), cwd=tmp_path, env=_env(clean_cache), check=True, capture_output=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from app import tracking
+from app.tracking import backend
 
 SECRET = "Zq7-not-for-mlflow"
 ENV_SECRET = "Zq8-from-the-environment"
@@ -76,17 +76,17 @@ def _mlflow_texts(uri: str) -> tuple[dict[str, str], list]:
 
 
 def test_secret_keys_and_uri_credentials_are_redacted():
-    assert tracking.redact({"ssh_key": "a", "key": "b", "keys": [1], "monkey": 2, "exclude_keys": []}) == {
+    assert backend.redact({"ssh_key": "a", "key": "b", "keys": [1], "monkey": 2, "exclude_keys": []}) == {
         "ssh_key": "***", "key": "***", "keys": [1], "monkey": 2, "exclude_keys": []}
     line = r"#0 : +vars.ssh_key=abc monkey=3 tracking.uri=postgresql\://bob\:pw@db:5432/x Storage: http://u:p@h/"
-    assert tracking.redact_text(line) == (
+    assert backend.redact_text(line) == (
         r"#0 : +vars.ssh_key=*** monkey=3 tracking.uri=postgresql\://***@db:5432/x Storage: http://***@h/"
     )
 
 
 def test_log_records_are_redacted_whatever_the_handlers(caplog):
-    tracking.redact_log_records()
-    tracking.redact_log_records()  # once per process, however often called
+    backend.redact_log_records()
+    backend.redact_log_records()  # once per process, however often called
     with caplog.at_level(logging.INFO, logger="app.test"):
         logging.getLogger("app.test").info("Storage: %s, %s", "postgresql://bob:pw@db/x", "api_token=abc")
     assert caplog.records[0].getMessage() == "Storage: postgresql://***@db/x, api_token=***"

@@ -92,7 +92,7 @@ def test_mlproject_parameters_are_data_not_shell(tmp_path, cache_dir, entry, par
 
 
 def test_a_model_file_holding_code_executes_nothing(run_app, tmp_path):
-    """torch.load of a model file is weights_only=True (app.estimators): a pickled call is refused in one line."""
+    """torch.load of a model file is weights_only=True (app.ml.estimators): a pickled call is refused in one line."""
     import torch
 
     run_app(*TINY, "evaluation.fisher.enabled=false", "evaluation.truth=false")
@@ -112,7 +112,7 @@ def test_a_model_file_holding_code_executes_nothing(run_app, tmp_path):
     assert not marker.exists() and proc.returncode == 2
     assert "cannot be trusted: file changed: estimator_state_dict.pt" in proc.stderr, proc.stderr[-2000:]
     # and one who rewrote the manifest too still gets nothing executed: torch.load(weights_only=True)
-    from app import cache
+    from app.store import cache
 
     cache.write_manifest(model_dir, cache.read_provenance(model_dir))
     proc = run_app(*TINY, "stage=evaluate", f"training.model_dir={model_dir}", check=False,

@@ -1,6 +1,6 @@
 """The MLflow server (PostgreSQL backend) restarted during a sweep, or gone for good.
 
-A restart within the retry window (app.tracking.HTTP_RIDE_OUT, about 2 min of refused connections) loses no run,
+A restart within the retry window (app.tracking.backend.HTTP_RIDE_OUT, about 2 min of refused connections) loses no run,
 param or metric. A server that stays down ends the job with one line, and the run it leaves RUNNING is closed as
 FAILED by ``python -m app.tracking close-orphans`` (or by the next run) once the store is back.
 """
@@ -112,7 +112,8 @@ def test_a_server_that_stays_down_fails_the_job_in_one_line_and_the_run_is_close
         seen.append(line)
         if "stage data " in line:
             break
-    # the MLflow helper (app.recorder) creates the run in the background: once it exists, stop the server for good
+    # the MLflow helper (app.tracking.recorder) creates the run in the background: once it exists, stop the server
+    # for good
     deadline = time.time() + 120
     while not _n_runs(server.uri):
         assert time.time() < deadline and proc.poll() is None, "the run was never created"

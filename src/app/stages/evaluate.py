@@ -3,7 +3,7 @@
 Everything reads MadMiner's *test* partition (``partition="test"`` / ``test_split``), never the
 events the training samples came from. Writes .npy arrays and ``metrics.json`` into ``<run>/results``.
 
-On a toy file (:mod:`app.toy`, whose likelihood is known exactly: :mod:`app.truth`) it also compares
+On a toy file (:mod:`app.toy.simulator`, whose likelihood is known exactly: :mod:`app.toy.truth`) it also compares
 the estimator and the limits with the truth: the ``truth_*`` metrics (see ``docs/toy.md``). On any
 other file they are absent and one log line says why.
 
@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from app import compat, estimators
-from app import device as app_device
-from app import truth as truth_mod
-from app.datafile import FileInfo
+from app.domain.datafile import FileInfo
+from app.domain.methods import LIMIT_MODES, MODEL_MODES, THETAREF_MODES, Method
+from app.domain.stats import CL68_P_VALUE, region_size
+from app.domain.validate import limit_modes
 from app.errors import UserError
-from app.io import atomic_dir, read_json, write_json
-from app.methods import LIMIT_MODES, MODEL_MODES, THETAREF_MODES, Method
+from app.ml import device as app_device
+from app.ml import estimators, madminer_patches
 from app.stages.sample import ratio_theta1, to_madminer_theta
-from app.stats import CL68_P_VALUE, region_size
-from app.validate import limit_modes
+from app.store.files import atomic_dir, read_json, write_json
+from app.toy import truth as truth_mod
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,13 @@ def run(
     not depend on the estimator (rate and histogram limits, their Fisher information), computed once per data file
     and ``config`` (the pipeline backs it with the stage cache).
     """
-    compat.apply()
+    madminer_patches.apply()
     ev = cfg.evaluation
     target = out_dir / "results"
     metrics: dict = dict(train_metrics or {})
     truth = truth_for(cfg, info)
     log.info(describe_theta_true(cfg, info))
-    with compat.events_in_memory(), atomic_dir(target) as tmp, app_device.use(cfg.training.device):
+    with madminer_patches.events_in_memory(), atomic_dir(target) as tmp, app_device.use(cfg.training.device):
         np.random.seed(cfg.sampling.seed + 1)
         with estimators.madminer_loads_from(model_file.parent) if model_file else nullcontext():
             metrics.update(_limits(cfg, method, info, model_file, tmp, truth, memo))
@@ -646,7 +646,7 @@ def _batched(estimator, x, thetas, theta1s, kind: str) -> np.ndarray:
     x = estimator._transform_inputs(np.array(x, dtype=np.float64))
     if estimator.features is not None:
         x = x[:, estimator.features]
-    device = torch.device(app_device.current())  # training.device, applied by app.device.use in run()
+    device = torch.device(app_device.current())  # training.device, applied by app.ml.device.use in run()
     model = estimator.model.to(device, torch.float)
     model.eval()
     xs = torch.as_tensor(x, dtype=torch.float, device=device)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from app import compat
-from app.datafile import FileInfo
+from app.domain.datafile import FileInfo
+from app.domain.methods import Method
 from app.errors import UserError
-from app.io import atomic_dir, read_json, write_json
-from app.methods import Method
+from app.ml import madminer_patches
+from app.store.files import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
     )
     target = out_dir / "samples"
     n_val = n_validation_samples(s)
-    with compat.events_in_memory(), atomic_dir(target) as tmp:
+    with madminer_patches.events_in_memory(), atomic_dir(target) as tmp:
         common["folder"] = str(tmp)
         x, n_effective = _draw(augmenter, cfg, info, method, common)
         x_val = None

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from app import device, estimators, fasttrain
-from app.datafile import FileInfo
+from app.domain.datafile import FileInfo
+from app.domain.methods import Method
 from app.errors import UserError
-from app.io import atomic_dir, read_json, write_json
-from app.methods import Method
+from app.ml import device, estimators, fasttrain
 from app.stages import sample
+from app.store.files import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 

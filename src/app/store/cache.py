@@ -6,14 +6,14 @@ Layout under the cache root (``paths.cache_dir``)::
     tmp/<stage>.<key>.XXXX/   a build in progress; renamed into stages/ when complete
     locks/<stage>.<key>.lock  per-key file locks (fcntl.flock), and digests.lock
     digests.json              memoised sha256 of data files, keyed by (resolved path, size, mtime_ns)
-    toy/                      the generated toy event files (app.toy), not stage outputs
+    toy/                      the generated toy event files (app.toy.simulator), not stage outputs
 
 An entry is immutable once renamed into place and is served only while its manifest matches the files
 on disk; a damaged one is removed (with one warning) and rebuilt. A build that raises or is killed
 leaves at most a folder under ``tmp/``, which is never served and is removed by the next build of the
 same key, :meth:`StageCache.clean_stale` or :meth:`StageCache.clear`.
 
-Standard library only, so ``import app.cache`` stays cheap. ``python -m app.cache info|clear`` shows
+Standard library only, so ``import app.store.cache`` stays cheap. ``python -m app.store info|clear`` shows
 or empties a cache.
 """
 
@@ -91,7 +91,7 @@ def versions() -> dict[str, str]:
 
 def code_digest() -> str:
     """sha256 over the project's Python sources (src/app), in a fixed order."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -435,12 +435,12 @@ def _human(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m app.cache info|clear [--dir DIR]``."""
+    """``python -m app.store info|clear [--dir DIR]``."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="python -m app.cache", description="Show or empty the madminer-sweeper stage cache."
+        prog="python -m app.store", description="Show or empty the madminer-sweeper stage cache."
     )
     parser.add_argument("command", choices=("info", "clear"), help="info: location, entries, size; clear: empty it")
     parser.add_argument("--dir", type=Path, default=None, help=f"cache folder (default: ${ENV_VAR} or {DEFAULT_DIR})")
@@ -466,6 +466,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total: {_human(cache.size())}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -56,8 +56,8 @@ def read_json(path: str | Path) -> Any:
 
 def update_json(target: str | Path, data: dict) -> dict:
     """Merge ``data`` into the JSON object at ``target`` (created if missing), atomically. Two processes may update
-    the same file (a job and the MLflow helper, :mod:`app.recorder`, both write its ``run.json``): a lock file next
-    to it keeps either update from being lost."""
+    the same file (a job and the MLflow helper, :mod:`app.tracking.recorder`, both write its ``run.json``): a lock
+    file next to it keeps either update from being lost."""
     import fcntl
 
     target = Path(target)
@@ -68,6 +68,15 @@ def update_json(target: str | Path, data: dict) -> dict:
         merged.update(data)
         write_json(target, merged)
     return merged
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (MLflow store or Optuna storage); None for other URIs and for
+    ``sqlite:///:memory:``. The one reading of sqlite URIs in the app."""
+    if not isinstance(uri, str) or not uri.lower().startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """MLflow off the jobs' critical path: one helper process makes a command's MLflow calls.
 
-With ``tracking.background=true`` (the default) the tracking callback (:mod:`app.callbacks`) starts this helper
+With ``tracking.background=true`` (the default) the tracking callback (:mod:`app.tracking.callback`) starts this helper
 when a run or sweep starts. The helper imports MLflow and opens the store on the idle core while Hydra composes and
 the first job imports torch and MadMiner: 2-4 s that were on the critical path of every command and of every joblib
 worker (docs/performance.md). Jobs hand it their records over a local socket and go on: a run's creation, params and
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("app.tracking")
+log = logging.getLogger("app.tracking.backend")
 
 KEY_ENV = "MADMINER_SWEEPER_RECORDER_KEY"
 START_TIMEOUT = 30.0  # seconds for the helper to open its socket (a Python start and one small import)
@@ -70,36 +70,36 @@ class Ops:
         """Import MLflow and the store's modules before the first call needs them."""
         import mlflow  # noqa: F401
 
-        from app.tracking import db_scheme
+        from app.tracking.backend import db_scheme
 
         if db_scheme(uri):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     def connect(self, uri: str, experiment_name: str) -> str:
-        from app import tracking
+        from app.tracking import backend
 
         self.uri = uri
         try:
-            self.experiment_id = tracking.ensure_experiment(uri, experiment_name)
+            self.experiment_id = backend.ensure_experiment(uri, experiment_name)
         except Exception as err:
-            if not isinstance(err, tracking.TrackingUnavailable):
+            if not isinstance(err, backend.TrackingUnavailable):
                 text = str(err).strip()
-                err = tracking.unreachable(uri, text.splitlines()[0] if text else type(err).__name__)
+                err = backend.unreachable(uri, text.splitlines()[0] if text else type(err).__name__)
             self.failure = str(err)
             raise err from None
         try:  # runs left RUNNING by a process that died (kill -9, a lost node) end FAILED
-            for run_id in tracking.close_orphans(tracking.client(uri), self.experiment_id):
+            for run_id in backend.close_orphans(backend.client(uri), self.experiment_id):
                 log.warning("closed orphaned run %s as FAILED (its process had died)", run_id)
         except Exception as err:  # noqa: BLE001 - housekeeping must not stop the run
             log.warning("could not look for orphaned runs: %s", err)
         return self.experiment_id
 
     def _client(self):
-        from app import tracking
+        from app.tracking import backend
 
         if self.failure:
             raise Skipped(self.failure)
-        return tracking.client(self.uri)
+        return backend.client(self.uri)
 
     def _run(self, handle: str) -> str:
         if handle in self.failed or self.failure:
@@ -116,7 +116,7 @@ class Ops:
     def start_parent(self, handle: str, name: str, tags: dict, start_time: int | None = None) -> str:
         """The sweep's parent run, started at ``start_time`` (ms; when the sweep started, not when this call is made:
         the helper makes it after importing MLflow, seconds later)."""
-        from app import tracking
+        from app.tracking import backend
 
         c = self._client()
         self.dirs[handle] = tags.get("sweep_dir", "")
@@ -126,8 +126,8 @@ class Ops:
             self.failed.add(handle)
             raise
         self.runs[handle] = run.info.run_id
-        tracking.set_tags(c, run.info.run_id, tags)
-        log.info("MLflow parent run %s (%s) in %s", name, run.info.run_id, tracking.redact_text(self.uri))
+        backend.set_tags(c, run.info.run_id, tags)
+        log.info("MLflow parent run %s (%s) in %s", name, run.info.run_id, backend.redact_text(self.uri))
         self.idle_work.append(_warm_plots)  # the sweep's comparison ends with plots: import matplotlib meanwhile
         return run.info.run_id
 
@@ -135,14 +135,14 @@ class Ops:
                   output_dir: str, start_time: int, parent: dict | None = None, parent_env: str | None = None,
                   env_run: str | None = None) -> str:
         """Create the job's run (or take over the one ``mlflow run`` made) with its params and tags."""
-        from app import tracking
-        from app.io import update_json
+        from app.store.files import update_json
+        from app.tracking import backend
 
         self.dirs[handle] = output_dir
         try:
             if self.uri is None:  # a worker of a sweep, in its own process: the parent opened the store
-                tracking.configure(uri)
-                tracking.ride_out_restarts()
+                backend.configure(uri)
+                backend.ride_out_restarts()
                 self.uri = uri
             c = self._client()
             parent_id, experiment_id = self.run_id(parent), self.experiment_id
@@ -152,7 +152,7 @@ class Ops:
                 parent_id = parent_env
                 experiment_id = c.get_run(parent_env).info.experiment_id
             if experiment_id is None:
-                experiment_id = self.experiment_id = tracking.ensure_experiment(uri, experiment_name)
+                experiment_id = self.experiment_id = backend.ensure_experiment(uri, experiment_name)
             if env_run:  # launched by `mlflow run`: log into its run, never a duplicate
                 run_id = env_run
             else:
@@ -163,10 +163,10 @@ class Ops:
             self.failed.add(handle)
             raise
         self.runs[handle] = run_id
-        # The pipeline records it as the producer of the stage outputs it caches (app.provenance).
+        # The pipeline records it as the producer of the stage outputs it caches (app.store.provenance).
         update_json(Path(output_dir) / "run.json", {"mlflow_run_id": run_id})
-        tracking.log_params(c, run_id, params)
-        tracking.set_tags(c, run_id, tags)
+        backend.log_params(c, run_id, params)
+        backend.set_tags(c, run_id, tags)
         return run_id
 
     def finish_job(self, handle: str, status: str, error: str | None, register_model: bool,
@@ -181,12 +181,12 @@ class Ops:
     def end_run(self, handle: str, status: str, error: str | None = None, end_time: int | None = None) -> None:
         """End a job's run at ``end_time`` (ms; when the job ended, not when this call is made); also for Ctrl-C and
         bad input, which skip the job's end."""
-        from app import tracking
+        from app.tracking import backend
 
         run_id = self._run(handle)
         c = self._client()
         if error is not None:
-            tracking.set_tags(c, run_id, {"error": error})
+            backend.set_tags(c, run_id, {"error": error})
         c.set_terminated(run_id, status, end_time=end_time)
         self.failed.add(handle)  # ended: nothing more is recorded for it
 
@@ -194,7 +194,7 @@ class Ops:
                    failed_jobs: str | None = None, stopped: str | None = None, killed: bool | None = None) -> None:
         """The sweep's comparison on the parent run, then its end. ``killed`` set: the sweep ended early (at exit:
         an uncaught error, True for Ctrl-C)."""
-        from app import comparison, tracking
+        from app.tracking import backend, comparison
 
         c = self._client()
         ref = {"run_id": self.run_id(parent), "experiment_id": self.experiment_id, "uri": self.uri}
@@ -202,21 +202,21 @@ class Ops:
         try:
             best = comparison.summarise_sweep(c, ref, metric, direction)
             if best and register_model and killed is None:
-                from app import registry
+                from app.tracking import registry
 
                 name = registry.alias_best(c, best)
                 if name:
-                    tracking.set_tags(c, ref["run_id"], {"best_model": f"models:/{name}@{registry.BEST_ALIAS}"})
+                    backend.set_tags(c, ref["run_id"], {"best_model": f"models:/{name}@{registry.BEST_ALIAS}"})
         except Exception as err:  # noqa: BLE001 - the sweep's summary must not leave the parent RUNNING
             log.warning("sweep comparison failed: %s", err)
             if killed is None:
-                tracking.set_tags(c, ref["run_id"], {"error": str(err).splitlines()[0] if str(err) else "?"})
+                backend.set_tags(c, ref["run_id"], {"error": str(err).splitlines()[0] if str(err) else "?"})
                 status = "FAILED"
         if failed_jobs:
-            tracking.set_tags(c, ref["run_id"], {"failed_jobs": failed_jobs, "stopped": stopped})
+            backend.set_tags(c, ref["run_id"], {"failed_jobs": failed_jobs, "stopped": stopped})
         if killed is not None:
             reason = "interrupted" if killed else "the sweep ended early: a job failed (see the FAILED child runs)"
-            tracking.set_tags(c, ref["run_id"], {"error": reason})
+            backend.set_tags(c, ref["run_id"], {"error": reason})
             status = "KILLED" if killed else "FAILED"
         c.set_terminated(ref["run_id"], status)
 
@@ -228,16 +228,16 @@ class Ops:
     # ---------------------------------------------------------------- errors
     def describe(self, op: str, kwargs: dict, err: BaseException) -> str | None:
         """The one line a failed call is reported with (None: nothing new to report)."""
-        from app import tracking
+        from app.tracking import backend
 
         if isinstance(err, Skipped):
             return None
-        if isinstance(err, tracking.TrackingUnavailable):
+        if isinstance(err, backend.TrackingUnavailable):
             return str(err)
         text = str(err).strip()
-        first = tracking.redact_text(text.splitlines()[0] if text else repr(err))[:200]
+        first = backend.redact_text(text.splitlines()[0] if text else repr(err))[:200]
         if GONE in text and not self.failure:
-            # the requests rode out the retry window (tracking.HTTP_RIDE_OUT, ~2 min) and the store is still gone:
+            # the requests rode out the retry window (backend.HTTP_RIDE_OUT, ~2 min) and the store is still gone:
             # the command's later calls are skipped, rather than each waiting that long again
             self.failure = f"the store stayed unreachable: {first}"
         handle = kwargs.get("handle") or (kwargs.get("parent") or {}).get("handle")
@@ -255,8 +255,9 @@ def _log_job_results(ops: Ops, run_id: str, out: Path, register_model: bool, obj
                      parent: dict | None, job_num: int) -> None:
     import mlflow
 
-    from app import provenance, tracking
-    from app.io import read_json
+    from app.store import provenance
+    from app.store.files import read_json
+    from app.tracking import backend
 
     c = ops._client()
     try:
@@ -271,10 +272,10 @@ def _log_job_results(ops: Ops, run_id: str, out: Path, register_model: bool, obj
     if run_info.get("data_path"):
         tags.update({"data.path": run_info["data_path"], "data.sha256": run_info.get("data_sha256")})
         _log_dataset(c, run_id, run_info)
-    tracking.set_tags(c, run_id, tags)
+    backend.set_tags(c, run_id, tags)
 
     objective_of = run_info.get("objective") or {}
-    tracking.set_tags(c, run_id, {f"objective.{k}": v for k, v in objective_of.items()})
+    backend.set_tags(c, run_id, {f"objective.{k}": v for k, v in objective_of.items()})
     try:
         metrics = read_json(out / "results" / "metrics.json")
     except (OSError, ValueError):
@@ -289,8 +290,8 @@ def _log_job_results(ops: Ops, run_id: str, out: Path, register_model: bool, obj
         triples.append(("objective", objective, 0))
         parent_id = ops.run_id(parent) if parent else None
         if parent_id:  # the parent's chart of the objective per trial (step = job number)
-            tracking.log_metrics(c, parent_id, [("objective", objective, int(job_num or 0))])
-    tracking.log_metrics(c, run_id, triples)
+            backend.log_metrics(c, parent_id, [("objective", objective, int(job_num or 0))])
+    backend.log_metrics(c, run_id, triples)
 
     with tempfile.TemporaryDirectory() as tmp:
         import yaml  # plain YAML in and out (the files as Hydra saved them, interpolations as text): cheaper
@@ -300,7 +301,7 @@ def _log_job_results(ops: Ops, run_id: str, out: Path, register_model: bool, obj
         for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
             if (hydra_dir / name).exists():
                 content = yaml.load((hydra_dir / name).read_text(), Loader=loader)
-                (Path(tmp) / name).write_text(yaml.dump(tracking.redact(content), Dumper=dumper, sort_keys=False))
+                (Path(tmp) / name).write_text(yaml.dump(backend.redact(content), Dumper=dumper, sort_keys=False))
         if any(Path(tmp).iterdir()):
             c.log_artifacts(run_id, tmp, "hydra")
     for folder in ("results", "plots", "model"):
@@ -308,14 +309,14 @@ def _log_job_results(ops: Ops, run_id: str, out: Path, register_model: bool, obj
             c.log_artifacts(run_id, str(out / folder), folder)
     trained_here = not run_info.get("reused", {}).get("model", True)
     if register_model and trained_here and (out / "model" / "model.json").exists():
-        from app import registry
+        from app.tracking import registry
 
         mlflow.start_run(run_id=run_id)  # the model is logged into the active run
         try:
             name, model_version = registry.log_and_register(out / "model")
         finally:
             mlflow.end_run()
-        tracking.set_tags(c, run_id, {"registered_model": f"{name}/{model_version}"})
+        backend.set_tags(c, run_id, {"registered_model": f"{name}/{model_version}"})
 
 
 def _log_dataset(c, run_id: str, run_info: dict) -> None:
@@ -446,7 +447,7 @@ def start(uri: str) -> Remote:
     address = os.path.join(folder, "socket")
     key = os.urandom(16)
     env = dict(os.environ, **{KEY_ENV: key.hex()})
-    proc = subprocess.Popen([sys.executable, "-m", "app.recorder", address, uri], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "app.tracking.recorder", address, uri], env=env,
                             stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # the socket file exists a moment before the helper listens on it: retry until it accepts
@@ -482,7 +483,7 @@ def serve(address: str, uri: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logging.getLogger("app").setLevel(logging.INFO)
-    from app.tracking import redact_log_records
+    from app.tracking.backend import redact_log_records
 
     redact_log_records()
     key = bytes.fromhex(os.environ.pop(KEY_ENV))

@@ -1,6 +1,6 @@
 """What each stage's output depends on, and checks that a given output fits this run.
 
-Every stage folder (``samples/``, ``model/``, ``results/``) carries a manifest (:mod:`app.cache`): its files'
+Every stage folder (``samples/``, ``model/``, ``results/``) carries a manifest (:mod:`app.store.cache`): its files'
 hashes and its provenance: the data file's digest, the method, and the resolved config subtrees it was produced
 with. The stage cache keys entries by the same subtrees; ``stage=train sampling.samples_dir=...`` (and the other
 explicit inputs) compare them with this run's config and refuse a mismatch, so a run's params are always the
@@ -14,8 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from app.domain.methods import Method
 from app.errors import UserError
-from app.methods import Method
 
 FOLDERS = {"sample": "samples", "train": "model", "evaluate": "results"}
 GIVEN_KEYS = {"sample": "sampling.samples_dir", "train": "training.model_dir", "evaluate": "evaluation.results_dir"}
@@ -47,7 +47,7 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
     Refuses (one line) a damaged folder, one without a manifest, one made from another data file, for another
     method, or with any setting that differs from this run's (naming the first difference).
     """
-    from app import cache
+    from app.store import cache
 
     key = GIVEN_KEYS[stage]
     problem = cache.verify(folder)
@@ -100,7 +100,8 @@ def _show(value: Any) -> str:
 
 def source_run(produced_by: dict | None) -> str | None:
     """The MLflow run that produced a stage output: recorded with it, or, when that job's run did not exist yet (the
-    helper of :mod:`app.recorder` creates runs in the background), read from the producing job's ``run.json``."""
+    helper of :mod:`app.tracking.recorder` creates runs in the background), read from the producing job's
+    ``run.json``."""
     produced_by = produced_by or {}
     if produced_by.get("mlflow_run_id"):
         return produced_by["mlflow_run_id"]

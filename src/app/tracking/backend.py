@@ -1,6 +1,6 @@
 """The thin MLflow layer: connect, redact, flatten, and log in batches.
 
-Only :mod:`app.callbacks` uses it; stages never import MLflow. MLflow itself is imported lazily.
+Only :mod:`app.tracking.callback` uses it; stages never import MLflow. MLflow itself is imported lazily.
 """
 
 from __future__ import annotations
@@ -46,6 +46,23 @@ _SET_HERE: set[str] = set()  # the variables this module set (a user's own value
 # that is finishing its start (a cluster job that starts PostgreSQL beside the sweep); a misconfigured one fails
 # in seconds. Set here, for this process only.
 DB_CONNECT_ATTEMPTS = 7
+
+
+def effective_uri(tracking_cfg) -> str | None:
+    """The store the runs go to: inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) the run's own store,
+    ``MLFLOW_TRACKING_URI``; otherwise ``tracking.uri``."""
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return tracking_cfg.uri
+
+
+def ui_line(uri: str) -> str:
+    """How to look at the runs of ``uri``: the server's page, or the ``mlflow ui`` command for a local store."""
+    view = "#/experiments?workflowType=machine_learning"  # MLflow 3's 'Model training' view
+    if uri.startswith(("http://", "https://")):
+        return f"compare runs: open {redact_text(uri).rstrip('/')}/{view}"
+    return (f"compare runs: mlflow ui --backend-store-uri {redact_text(uri)} --host 127.0.0.1, then open "
+            f"http://127.0.0.1:5000/{view}")
 
 
 class TrackingUnavailable(UserError):
@@ -173,7 +190,7 @@ def db_scheme(uri: str) -> str | None:
 
 def precheck(uri: str) -> None:
     """What can be checked before the jobs start without importing MLflow (which the helper process of
-    :mod:`app.recorder` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
+    :mod:`app.tracking.recorder` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
     database's folder exists and is writable. Raises TrackingUnavailable with the one line to report."""
     from urllib.parse import urlsplit
 
@@ -352,6 +369,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"closed {len(closed)} orphaned run(s) as FAILED in {redact_text(args.uri)}: {' '.join(closed) or '-'}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.stats import CL68_P_VALUE
+from app.domain.stats import CL68_P_VALUE
 
 
 def children(c, parent: dict) -> list:
@@ -24,7 +24,7 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
     """Log the comparison artifacts and best-child tags on the parent; returns the best child's run id.
 
     ``metric`` / ``direction``: the sweep's ``objective`` (null: each child's own default, its method's loss term)."""
-    from app import tracking
+    from app.tracking import backend
 
     runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
     if not runs:
@@ -80,10 +80,10 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
     tags = {"n_children": len(runs), "n_failed": summary["n_failed"], "comparison": reason}
     if best:
         tags.update({"best_run_id": best.info.run_id, "best_run_name": summary["best_run_name"]})
-        tracking.log_metrics(c, parent["run_id"], [(f"best_{metric}", best.data.metrics[metric], 0)])
+        backend.log_metrics(c, parent["run_id"], [(f"best_{metric}", best.data.metrics[metric], 0)])
     for m, r in per_method.items():
         tags[f"best_run_name.{m}"] = r.data.tags.get("mlflow.runName")
-    tracking.set_tags(c, parent["run_id"], tags)
+    backend.set_tags(c, parent["run_id"], tags)
     return best.info.run_id if best else None
 
 
@@ -92,12 +92,12 @@ def _objective_of(run, metric: str | None) -> str | None:
 
 
 def pick_best(runs, metric: str | None, direction: str | None):
-    """(best run or None, best run per method, metric, direction, why) under app.metrics' comparability rules.
+    """(best run or None, best run per method, metric, direction, why) under app.domain.metrics' comparability rules.
 
     ``metric=None``: each child was scored with its own method's default objective; one metric for all children is
     needed for a cross-trial best.
     """
-    from app import metrics
+    from app.domain import metrics
 
     finished = [r for r in runs if r.info.status == "FINISHED" and _objective_of(r, metric) in r.data.metrics]
     names = {_objective_of(r, metric) for r in finished}
@@ -124,7 +124,7 @@ def pick_best(runs, metric: str | None, direction: str | None):
 
 
 def _child(run, metric: str):
-    from app import metrics
+    from app.domain import metrics
 
     params = run.data.params
     sampling = {k: v for k, v in params.items() if k.startswith(("sampling.", "data.")) and k != "sampling.samples_dir"}

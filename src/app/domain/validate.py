@@ -11,9 +11,9 @@ import math
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.config import TRAINERS
-from app.datafile import FileInfo
+from app.domain.datafile import FileInfo
+from app.domain.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
 from app.errors import UserError
-from app.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
 
 
 def check_config(cfg: DictConfig, info: FileInfo) -> Method:
@@ -103,7 +103,7 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
         or (isinstance(include, list) and include and all(isinstance(v, bool) for v in include))
     ):
         raise UserError("evaluation.include_xsec must be true, false or a list such as [true,false]")
-    from app import metrics
+    from app.domain import metrics
 
     metrics.objective(cfg.objective.metric, cfg.objective.direction, method.name)
     for mode in limit_modes(cfg, method):
@@ -119,7 +119,7 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
         from app.stages.evaluate import grid_ranges
 
         grid_ranges(cfg, info)  # a file without parameter ranges needs evaluation.grid.ranges
-    from app import device
+    from app.ml import device
 
     device.check(cfg.training.device)  # training.device=cuda without a GPU: fail now, not after sampling
     return method

@@ -479,7 +479,7 @@ def ensure_toy_file(settings: ToySettings, cache_dir, path=None) -> Path:
         stored = read_toy_settings(target) if target.is_file() else None
         if stored is None:
             raise ValueError(
-                f"{target} exists and is not a toy file written by app.toy; "
+                f"{target} exists and is not a toy file written by app.toy.simulator; "
                 "delete it or set the toy path to a new file (or null for the cache)"
             )
         if stored == json.loads(_settings_attr(settings)):

@@ -2,7 +2,7 @@
 
 Sampling, training, evaluation and config checks all read this table; nothing else lists methods,
 estimators or limit modes: the config schema's choices (``app.config``) and the estimator classes
-(``app.estimators``) are derived from :data:`ESTIMATORS` and :data:`LIMIT_MODES` below.
+(``app.ml.estimators``) are derived from :data:`ESTIMATORS` and :data:`LIMIT_MODES` below.
 This module imports nothing heavy (``--help`` reads it).
 """
 

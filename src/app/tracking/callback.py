@@ -8,7 +8,7 @@
   tags, then at its end the metrics, the event file as input dataset, and the artifacts;
 - the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING.
 
-The callback gathers what to record; :mod:`app.recorder` makes the MLflow calls, by default in a helper process
+The callback gathers what to record; :mod:`app.tracking.recorder` makes the MLflow calls, by default in a helper process
 (``tracking.background``) so that neither this process nor a joblib worker imports MLflow or waits for the store.
 Secrets are redacted before anything reaches MLflow.
 """
@@ -29,7 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("app.tracking")
+log = logging.getLogger("app.tracking.backend")
 
 PARENT_FILE = ".mlflow_parent.json"
 PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
@@ -55,7 +55,7 @@ def _fail(err: Exception) -> None:
 
 
 def _background(config: DictConfig) -> bool:
-    """The MLflow helper process (app.recorder) serves this process and joblib workers on the same machine; the
+    """The MLflow helper process (app.tracking.recorder) serves this process and joblib workers on the same machine; the
     workers of other launchers (submitit: maybe other machines) make their calls themselves."""
     if not config.tracking.get("background", True):
         return False
@@ -75,16 +75,16 @@ class MLflowCallback(Callback):
     def _start(self, config: DictConfig):
         """Check the store (a TCP connect for a server: no MLflow import) and open it: in the helper process,
         which imports MLflow meanwhile, or here."""
-        from app import recorder, tracking
+        from app.tracking import backend, recorder
 
         mode, uri, name = _tracking(config)
         if not uri:
-            _fail(tracking.TrackingUnavailable(
+            _fail(backend.TrackingUnavailable(
                 f"tracking={mode} needs a tracking URI; set MLFLOW_TRACKING_URI or tracking.uri=..."
             ))
         try:
-            tracking.precheck(uri)
-        except tracking.TrackingUnavailable as err:
+            backend.precheck(uri)
+        except backend.TrackingUnavailable as err:
             _fail(err)
         tracker = None
         if _background(config):
@@ -96,7 +96,7 @@ class MLflowCallback(Callback):
             tracker = recorder.Local()
             try:
                 tracker.call("connect", uri=uri, experiment_name=name)
-            except tracking.TrackingUnavailable as err:
+            except backend.TrackingUnavailable as err:
                 _fail(err)
         else:
             tracker.post("connect", uri=uri, experiment_name=name)
@@ -115,20 +115,20 @@ class MLflowCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config):
             return
-        from app import recorder, tracking
+        from app.tracking import backend, recorder
 
         tracker = self._start(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweeper = config.hydra.sweeper
         name = sweeper.get("study_name") if "study_name" in sweeper else None
         name = name or f"sweep-{sweep_dir.name}"
-        tags = {"sweep_dir": str(sweep_dir), "kind": "sweep", **tracking.process_tags(),
+        tags = {"sweep_dir": str(sweep_dir), "kind": "sweep", **backend.process_tags(),
                 "overrides": _typed(config.hydra.overrides.task)}
         if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
             tags.update({
                 "optuna.study_name": sweeper.get("study_name"),
-                "optuna.storage": tracking.redact_text(str(sweeper.get("storage"))),
+                "optuna.storage": backend.redact_text(str(sweeper.get("storage"))),
                 "optuna.n_trials": sweeper.get("n_trials"),
             })
         handle = recorder.new_handle()
@@ -141,7 +141,7 @@ class MLflowCallback(Callback):
             try:
                 run_id = tracker.call("start_parent", handle=handle, name=name, tags=tags, start_time=started)
             except Exception as err:  # noqa: BLE001 - one line, as for an unreachable store
-                _fail(tracking.TrackingUnavailable(tracker.ops.describe("start_parent", {"handle": handle}, err)))
+                _fail(backend.TrackingUnavailable(tracker.ops.describe("start_parent", {"handle": handle}, err)))
             self.parent = {"run_id": run_id, "experiment_id": tracker.ops.experiment_id}
             shared = {"parent": self.parent}
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ class MLflowCallback(Callback):
         if not _enabled(config):
             return
         started = time.perf_counter()
-        from app import recorder, tracking
+        from app.tracking import backend, recorder
 
         _, uri, name = _tracking(config)
         hydra = config.hydra
@@ -207,7 +207,7 @@ class MLflowCallback(Callback):
         out = Path(hydra.runtime.output_dir)
         run_id = tracker.post(
             "start_job", handle=handle, uri=uri, experiment_name=name, run_name=_run_name(config),
-            params=tracking.flatten(tracking.redact(job_cfg)), tags={**_job_tags(config), **tracking.process_tags()},
+            params=backend.flatten(backend.redact(job_cfg)), tags={**_job_tags(config), **backend.process_tags()},
             output_dir=str(out), start_time=int(time.time() * 1000), parent=parent,
             parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"))
         if not tracker.remote and run_id is None:  # the store failed here: one line, as at the job's end
@@ -220,7 +220,7 @@ class MLflowCallback(Callback):
             return
         from hydra.core.utils import JobStatus
 
-        from app.io import update_json
+        from app.store.files import update_json
 
         started = time.perf_counter()
         tracker, handle = _recorder(), _active.pop("handle")
@@ -244,7 +244,7 @@ class MLflowCallback(Callback):
 
 
 def _recorder():
-    from app import recorder
+    from app.tracking import recorder
 
     return recorder.current()
 
@@ -368,7 +368,7 @@ def _versions() -> dict[str, str]:
 @functools.cache
 def _git_commit() -> str | None:
     """The checkout's commit (once per process: a sweep's jobs run the code this process imported)."""
-    checkout = Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[3]
     if not (checkout / ".git").exists():
         return None
     try:

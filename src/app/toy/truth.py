@@ -1,7 +1,7 @@
 r"""Ground truth for the embedded toy: exact likelihoods, likelihood ratios, scores, cross sections and
 expected limits, so every evaluation on a toy file can say how close its estimator is to the truth.
 
-The toy's generative model is described in :mod:`app.toy`. Its observed density is known in closed form
+The toy's generative model is described in :mod:`app.toy.simulator`. Its observed density is known in closed form
 (a Gaussian convolution of a Gaussian times a quadratic form in the latent variables), so nothing here
 integrates numerically: every quantity is exact up to floating-point rounding (relative error ~1e-12).
 In the smeared coordinates x' (``x'_1 = log(pt_j1 / PT_SCALE) / PT_SLOPE``, ``x'_2 = delta_phi_jj``),
@@ -35,15 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from app import toy
-from app.stats import CL68
+from app.domain.stats import CL68
+from app.toy import simulator
 
 CHUNK_ELEMENTS = 1 << 22  # grid evaluations work on at most this many (theta, event) pairs at once
 
 
 def _jacobian(n_parameters: int) -> np.ndarray:
     """d a / d theta, shape (2, n_parameters)."""
-    return np.array([[1.0 / toy.C0, 0.0], [0.0, 1.0 / toy.C1]])[:, :n_parameters]
+    return np.array([[1.0 / simulator.C0, 0.0], [0.0, 1.0 / simulator.C1]])[:, :n_parameters]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,15 @@ class ToyTruth:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_settings(cls, settings: toy.ToySettings) -> ToyTruth:
+    def from_settings(cls, settings: simulator.ToySettings) -> ToyTruth:
         return cls(smearing=float(settings.smearing), n_parameters=int(settings.n_parameters))
 
     @classmethod
     def from_file(cls, path: str | Path) -> ToyTruth | None:
-        """The truth of a toy file written by :mod:`app.toy`; None for any other file (no tractable likelihood)."""
-        stored = toy.read_toy_settings(path)
-        if stored is None or stored.get("format_version") != toy.FORMAT_VERSION:
+        """The truth of a toy file written by :mod:`app.toy.simulator`; None for any other file (no tractable
+        likelihood)."""
+        stored = simulator.read_toy_settings(path)
+        if stored is None or stored.get("format_version") != simulator.FORMAT_VERSION:
             return None
         return cls(smearing=float(stored["smearing"]), n_parameters=int(stored["n_parameters"]))
 
@@ -84,24 +85,24 @@ class ToyTruth:
     def _m_and_base(self, x) -> tuple[np.ndarray, np.ndarray]:
         """m = x' / (1 + s^2) and the theta-independent part of log p(x | theta) (including the Jacobian)."""
         x = np.asarray(x, dtype=np.float64)
-        xprime = toy.smeared_from_observables(x)
+        xprime = simulator.smeared_from_observables(x)
         base = (
             -0.5 * np.sum(xprime**2, axis=-1) / self._var
             - np.log(2.0 * np.pi * self._var)
-            - np.log(toy.PT_SLOPE * x[..., 0])
+            - np.log(simulator.PT_SLOPE * x[..., 0])
         )
         return xprime / self._var, base
 
     def _theta_terms(self, theta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """a(theta), tau^2 |a|^2 + DELTA and log(1 + |a|^2 + DELTA)."""
-        a = toy.couplings(self._theta(theta))
+        a = simulator.couplings(self._theta(theta))
         a2 = np.sum(a * a, axis=-1)
-        return a, self._tau2 * a2 + toy.DELTA, np.log1p(a2 + toy.DELTA)
+        return a, self._tau2 * a2 + simulator.DELTA, np.log1p(a2 + simulator.DELTA)
 
     # ------------------------------------------------------------------ pointwise (broadcasting)
     def cross_section(self, theta) -> np.ndarray:
         """sigma(theta) in pb, shape theta.shape[:-1]."""
-        return toy.cross_section(self._theta(theta))
+        return simulator.cross_section(self._theta(theta))
 
     def log_likelihood(self, x, theta) -> np.ndarray:
         """log p(x | theta); x (..., 2) and theta (..., n_parameters) broadcast against each other."""
@@ -120,7 +121,7 @@ class ToyTruth:
         a, c, _ = self._theta_terms(theta)
         am = 1.0 + np.sum(a * m, axis=-1, keepdims=True)
         poly = am**2 + c[..., None]
-        norm = 1.0 + np.sum(a * a, axis=-1, keepdims=True) + toy.DELTA
+        norm = 1.0 + np.sum(a * a, axis=-1, keepdims=True) + simulator.DELTA
         grad_a = 2.0 * (am * m + self._tau2 * a) / poly - 2.0 * a / norm
         return grad_a @ _jacobian(self.n_parameters)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.io import read_json
-from app.methods import ESTIMATORS as CLASSES  # training.estimator -> madminer.ml class name
+from app.domain.methods import ESTIMATORS as CLASSES  # training.estimator -> madminer.ml class name
+from app.store.files import read_json
 
 
 def build(training_cfg, data_path: Path):

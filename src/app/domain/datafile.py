@@ -29,9 +29,9 @@ class FileInfo:
 def resolve(data_cfg, cache_dir: str | Path) -> FileInfo:
     """Return the checked event file: the (cached) toy for ``data=toy``, ``data.path`` for ``data=file``."""
     if data_cfg.kind == "toy":
-        from app import toy
+        from app.toy import simulator
 
-        settings = toy.ToySettings(
+        settings = simulator.ToySettings(
             n_events=data_cfg.n_events,
             seed=data_cfg.seed,
             n_parameters=data_cfg.n_parameters,
@@ -39,7 +39,7 @@ def resolve(data_cfg, cache_dir: str | Path) -> FileInfo:
             nuisance=bool(data_cfg.get("nuisance", False)),
         )
         try:
-            path = toy.ensure_toy_file(settings, cache_dir, path=data_cfg.path)
+            path = simulator.ensure_toy_file(settings, cache_dir, path=data_cfg.path)
         except ValueError as err:
             raise UserError(f"data=toy: {err}") from None
         return inspect(path, is_toy=True)

@@ -1,0 +1,1 @@
+"""Estimators, their training loop, the device choice and MadMiner's patches."""
