@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from app import config as schema
+from app import config as app_config
 from app.domain.methods import METHODS
 from app.domain.validate import check_options
 from app.errors import UserError
@@ -167,6 +167,7 @@ MISCHOSEN = [
     (["data.seed=-1"], ["data.seed=-1", "non-negative"]),
     (["+training.nope=1"], ["training.nope is not an option", "n_hidden"]),  # '+' adds keys Hydra lets through
     (["+evaluation.grid.step=1"], ["evaluation.grid.step is not an option", "resolutions"]),
+    (["data.kind=csv"], ["data.kind=csv is not a choice", "toy, file"]),
     (["training.alpha=nan"], ["training.alpha=nan is not a finite number"]),
     (["evaluation.theta_true=[inf,0]"], ["evaluation.theta_true[0]=inf is not a finite number"]),
     (["sampling.test_split=0.6", "sampling.validation_split=0.4"], ["0.6 + 0.4 leaves no training events"]),
@@ -236,7 +237,7 @@ def _numeric(hint) -> bool:
 
 
 def test_every_numeric_option_has_a_range_that_holds_its_default():
-    keys = [*_fields(schema.Config), *_fields(schema.ToyDataConfig, "data.")]
+    keys = [*_fields(app_config.Config), *_fields(app_config.ToyDataConfig, "data.")]
     numeric = set()
     for key, f, hint in keys:
         found = f.metadata.get("range")

@@ -34,6 +34,10 @@ def check_options(cfg: DictConfig) -> Method:
     """Check everything that needs only the config; return the method of ``training``."""
     options = _resolved(cfg)
     check_finite({k: v for k, v in options.items() if k not in UNCHECKED})
+    data_kind = (options.get("data") or {}).get("kind")
+    if data_kind not in DATA_KINDS:
+        raise UserError(f"data.kind={_shown(data_kind)} is not a choice; use one of: {', '.join(DATA_KINDS)} "
+                        "(data=toy or data=file data.path=...)")
     _check_fields(options, Config, "")
     method = get_method(options["training"]["method"])
     method.check_estimator(options["training"]["estimator"])
@@ -76,7 +80,7 @@ def check_options(cfg: DictConfig) -> Method:
             )
         if mode in THETAREF_MODES and sampling["theta"] is None:
             raise UserError(f"evaluation mode {mode} needs sampling.theta, the point the score was trained at")
-    if options["data"]["kind"] == "toy":
+    if data_kind == "toy":
         _check_toy(options["data"])
     from app.ml import device
 
