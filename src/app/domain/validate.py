@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from app.config import TRAINERS
 from app.domain.datafile import FileInfo
 from app.domain.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
+from app.domain.theta import grid_ranges
 from app.errors import UserError
 
 
@@ -116,8 +117,6 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
         if mode in THETAREF_MODES and cfg.sampling.theta is None:
             raise UserError(f"evaluation mode {mode} needs sampling.theta, the point the score was trained at")
     if cfg.stage in ("all", "evaluate"):
-        from app.stages.evaluate import grid_ranges
-
         grid_ranges(cfg, info)  # a file without parameter ranges needs evaluation.grid.ranges
     from app.ml import device
 
