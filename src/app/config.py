@@ -328,10 +328,10 @@ class PathsConfig:
 
 @dataclass
 class CacheConfig:
-    """The stage cache under paths.cache_dir (app.store.cache): samples, models and results keyed by what made them."""
+    """The stage cache under paths.cache_dir (app.store.cache): samples, models and results keyed by what made them.
+    ``python -m app.store info|clear`` shows or empties it."""
 
     enabled: bool = True
-    clear: bool = False  # python -m app cache.clear=true empties the cache and exits
 
 
 @dataclass

@@ -59,11 +59,9 @@ def task(cfg: DictConfig) -> float | None:
 
 
 def _task(cfg: DictConfig) -> float | None:
-    from app.domain.validate import check_options
     from app.pipeline import run
 
     try:
-        check_options(cfg)  # every option before any work (the data file's own checks follow in run)
         return run(cfg)
     except KeyboardInterrupt:
         _end_tracking("KILLED", None)

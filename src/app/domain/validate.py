@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from app.config import DATA_KINDS, Config
 from app.domain.datafile import FileInfo
 from app.domain.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
+from app.domain.theta import grid_ranges
 from app.errors import UserError, first_line
 
 # paths: only resolvable inside a job (${hydra:...}); hydra: Hydra's own (in a config composed with
@@ -132,8 +133,6 @@ def check_config(cfg: DictConfig, info: FileInfo) -> Method:
     if ev.fisher.observable is not None:
         _observable(ev.fisher.observable, info, "evaluation.fisher.observable")
     if cfg.stage in ("all", "evaluate"):
-        from app.stages.evaluate import grid_ranges
-
         grid_ranges(cfg, info)  # a file without parameter ranges needs evaluation.grid.ranges
     return method
 
