@@ -140,3 +140,20 @@ def test_a_direction_that_is_neither_minimize_nor_maximize_stops_before_any_job(
     with pytest.raises(SystemExit):
         SweepReport().on_multirun_start(_config(tmp_path, direction="smaller"))
     assert capsys.readouterr().err.startswith("error: hydra.sweeper.direction=smaller is not minimize or maximize")
+
+
+def test_the_joblib_launchers_idle_workers_end_with_the_sweep(tmp_path):
+    """loky keeps them (joining them only at interpreter exit, seconds with torch loaded): the report ends them."""
+    import os
+
+    from joblib import Parallel, delayed
+
+    from app.sweeps.report import _release_joblib_workers
+
+    workers = set(Parallel(n_jobs=2, backend="loky")(delayed(os.getpid)() for _ in range(4))) - {os.getpid()}
+    assert workers
+    _release_joblib_workers(OmegaConf.create({"hydra": {"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher"
+                                                                                 ".joblib_launcher.JoblibLauncher"}}}))
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
