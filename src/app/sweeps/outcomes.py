@@ -42,11 +42,13 @@ def outcome(ret: Any, job: int) -> tuple[JobOutcome, BaseException | None]:
     from hydra.core.utils import JobStatus
     from omegaconf import OmegaConf
 
-    hydra_cfg = getattr(ret, "hydra_cfg", None)  # a job that failed before it started may lack it
-    job = OmegaConf.select(hydra_cfg, "hydra.job.num", default=job) if hydra_cfg is not None else job
-    output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg is not None \
-        else None
-    found = JobOutcome(int(job), [str(o) for o in ret.overrides or []], FINISHED, output_dir=output_dir)
+    hydra_cfg = ret.hydra_cfg  # None for a job that failed before it started
+
+    def select(key: str, default: Any) -> Any:
+        return default if hydra_cfg is None else OmegaConf.select(hydra_cfg, key, default=default)
+
+    found = JobOutcome(int(select("hydra.job.num", job)), [str(o) for o in ret.overrides or []], FINISHED,
+                       output_dir=select("hydra.runtime.output_dir", None))
     if ret.status != JobStatus.COMPLETED:
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # Hydra writes "Error executing job ..." first

@@ -50,6 +50,7 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     record = SweepRecord(str(sweep_dir), sweeper.max_failure_rate)
+    record.save()  # a record from an earlier sweep into this folder is gone
     asked: list[int] = []
     batches = []
     try:

@@ -47,6 +47,7 @@ class TolerantSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = SweepRecord(str(sweep_dir), self.max_failure_rate)
+        record.save()  # a record from an earlier sweep into this folder is gone
         returns = []
         for start in range(0, len(jobs), size):
             batch = jobs[start:start + size]
