@@ -262,9 +262,10 @@ def test_ctrl_c_fails_this_invocations_running_trials_only(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.time() + 120
-        while len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) < 2:
+        while not (tmp_path / "sweep" / "0" / ".hydra").exists():  # the job started (and sleeps)
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
+        assert len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) == 2
         os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=60)
     finally:

@@ -30,7 +30,5 @@ def configure(cfg: DictConfig, trial) -> None:
     trial.suggest_float("+w", 0.0, 1.0)
 
 
-main = hydra.main(version_base="1.3", config_path="conf", config_name="sphere")(sphere)
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # decorated here only: hydra.main sets Hydra's version base for the whole process
+    hydra.main(version_base="1.3", config_path="conf", config_name="sphere")(sphere)()

@@ -7,9 +7,12 @@ again adds ``n_trials`` trials. Whatever ends the loop early (Ctrl-C, a launcher
 trials that are still RUNNING as FAIL (``study.tell``); trials of other processes on the same storage are untouched.
 """
 
+import contextlib
 import functools
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +58,11 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
     batches = []
     try:
         while len(record.jobs) < n_trials:
-            trials = [study.ask(space) for _ in range(min(sweeper.n_jobs, n_trials - len(record.jobs)))]
-            asked += [trial.number for trial in trials]
+            trials = []
+            for _ in range(min(sweeper.n_jobs, n_trials - len(record.jobs))):
+                with _interrupt_after():  # the trial is RUNNING in the storage before ask() returns its number
+                    trials.append(study.ask(space))
+                    asked.append(trials[-1].number)
             batch = [_overrides(trial, space, fixed, extend, config) for trial in trials]
             sweeper.validate_batch_is_legal(batch)
             returns = sweeper.launcher.launch(batch, initial_job_idx=len(record.jobs))
@@ -72,6 +78,22 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
         raise
     _save_best(study, sweep_dir, len(directions))
     return batches
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C that comes while the block runs until it ends (main thread only; elsewhere no signals come)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _overrides(trial: Any, space: dict, fixed: dict[str, str], extend: Any, config: Any) -> list[str]:
