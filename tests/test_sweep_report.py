@@ -117,7 +117,7 @@ def test_mlflow_calls_that_failed_end_the_sweep_with_exit_1(tmp_path, capsys):
     assert load(tmp_path / "sweep").tracking_errors == ["MLflow log_batch failed: the store went away"]
     with pytest.raises(SystemExit) as done:
         SweepReport().on_multirun_end(_config(tmp_path))
-    assert done.value.code == 1 and "1 MLflow call(s) of this sweep failed" in capsys.readouterr().err
+    assert done.value.code == 1 and "error: 0 of 1 jobs failed; 1 MLflow call(s) failed" in capsys.readouterr().err
 
 
 def test_a_sweep_of_another_sweeper_is_left_to_hydra(tmp_path, capsys):

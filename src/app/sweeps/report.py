@@ -45,8 +45,8 @@ class SweepReport(Callback):
         for line in record.failure_lines():
             print(line, file=sys.stderr)
         if record.tracking_errors:  # the jobs' work is done, but MLflow lacks part of it
-            print(f"error: {len(record.tracking_errors)} MLflow call(s) of this sweep failed (the error lines above)",
-                  file=sys.stderr)
+            print(f"error: {len(record.failures)} of {len(record.jobs)} jobs failed; {len(record.tracking_errors)} "
+                  "MLflow call(s) failed (the error lines above)", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -63,7 +63,7 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
                 with _interrupt_after():  # the trial is RUNNING in the storage before ask() returns its number
                     trials.append(study.ask(space))
                     asked.append(trials[-1].number)
-            batch = [_overrides(trial, space, fixed, extend, config) for trial in trials]
+            batch = [_overrides(trial, fixed, extend, config) for trial in trials]
             sweeper.validate_batch_is_legal(batch)
             returns = sweeper.launcher.launch(batch, initial_job_idx=len(record.jobs))
             batches.append(returns)
@@ -96,7 +96,7 @@ def _interrupt_after():
         raise KeyboardInterrupt
 
 
-def _overrides(trial: Any, space: dict, fixed: dict[str, str], extend: Any, config: Any) -> list[str]:
+def _overrides(trial: Any, fixed: dict[str, str], extend: Any, config: Any) -> list[str]:
     if extend is not None:
         extend(config, trial)  # suggests more parameters on the trial (Hydra's custom_search_space)
     searched = [f"{key}={value}" for key, value in trial.params.items()]
