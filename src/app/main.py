@@ -50,7 +50,7 @@ def task(cfg: DictConfig) -> float | None:
         raise
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not _full_error():
-            # The sweep ends with one line per failed job (app.sweep); the traceback goes to the job's folder.
+            # The sweep ends with one line per failed job (app.sweeps); the traceback goes to the job's folder.
             out = Path(HydraConfig.get().runtime.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text("".join(traceback.format_exception(err)))
@@ -172,7 +172,7 @@ def _writable_dir(folder: str, key: str) -> None:
 def _open_optuna_storage(url: str) -> None:
     from optuna.storages import get_storage
 
-    from app.sweep import prepare_storage
+    from app.sweeps.storage import prepare_storage
     from app.tracking.backend import redact_text
 
     try:
