@@ -240,7 +240,10 @@ def test_postgres_backed_server(run_app, tmp_path, mlflow_server):
     assert any(a.path == "comparison/comparison.csv" for a in c.list_artifacts(parent.info.run_id, "comparison"))
 
 
-def test_mlproject_main_entry_point(tmp_path, cache_dir, sqlite_uri):
+def test_mlproject_main_entry_point(tmp_path, cache_dir):
+    """`mlflow run` with MLFLOW_TRACKING_URI (the seed guide's way): one run, in that store, and the line at the end
+    names that store, not tracking.uri's default sqlite:///mlflow.db."""
+    sqlite_uri = f"sqlite:///{tmp_path}/m.db"
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), MLFLOW_TRACKING_URI=sqlite_uri)
     overrides = " ".join([*TINY, "training=sally", f"hydra.run.dir={tmp_path}/run"])
     proc = subprocess.run(
@@ -256,3 +259,5 @@ def test_mlproject_main_entry_point(tmp_path, cache_dir, sqlite_uri):
     assert run.data.params["training.method"] == "sally" and run.data.tags["training"] == "sally"
     assert run.data.tags["mlflow.project.entryPoint"] == "main" and "val_loss" in run.data.metrics
     assert (tmp_path / "run" / "results" / "metrics.json").exists()
+    ui = [line for line in (proc.stdout + proc.stderr).splitlines() if "compare runs: mlflow ui" in line]
+    assert ui and f"--backend-store-uri {sqlite_uri} " in ui[-1], ui  # the run's last line (the callback's)
