@@ -141,9 +141,11 @@ def one_mode(mode: str, jobs: int, workdir: Path) -> dict:
 def job_calls(jobs: int) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("sync", "async", "helper", "sync", "async", "helper"):  # twice, interleaved
-            out = subprocess.run([sys.executable, __file__, "--one", mode, "--jobs", str(jobs), "--workdir", tmp],
-                                 capture_output=True, text=True, check=True)
+        for i, mode in enumerate(("sync", "async", "helper", "sync", "async", "helper")):  # twice, interleaved
+            workdir = Path(tmp) / str(i)
+            workdir.mkdir()
+            out = subprocess.run([sys.executable, __file__, "--one", mode, "--jobs", str(jobs), "--workdir",
+                                  str(workdir)], capture_output=True, text=True, check=True)
             rows.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"a job's MLflow calls, as the process running {jobs} jobs pays them (fresh process each, sqlite store; "
           "median per job; two runs each, interleaved):")

@@ -101,16 +101,6 @@ def _line(op: str, kwargs: dict, err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the store
-def warm(uri: str) -> None:
-    """Import MLflow and the store's modules before the first call needs them (the helper's initializer)."""
-    import mlflow  # noqa: F401
-
-    from app.tracking.backend import db_scheme
-
-    if db_scheme(uri):
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
 def open_store(uri: str, experiment_name: str) -> str:
     """The experiment (created if needed); runs left RUNNING by a process that died (kill -9, a lost node) end
     FAILED. Raises TrackingUnavailable (one line) if the store cannot be opened."""
