@@ -35,8 +35,7 @@ def main() -> None:
     from madminer.ml import ParameterizedRatioEstimator
     from madminer.sampling import SampleAugmenter
 
-    from app.ml import fasttrain
-    from app.ml.estimators import limits_class
+    from app.ml import fasttrain, madminer_patches
     from app.toy import simulator
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +59,7 @@ def main() -> None:
         p_values = {}
         with mock.patch("madminer.limits.asymptotic_limits.load_estimator", lambda _file: model):
             for _ in range(args.repeat):
-                for name, cls in (("madminer", AsymptoticLimits), ("batched", limits_class())):
+                for name, cls in (("madminer", AsymptoticLimits), ("batched", madminer_patches.batched_limits())):
                     limits = cls(str(path))
                     start = time.perf_counter()
                     p_values[name] = limits.expected_limits(**kwargs)[1]

@@ -70,9 +70,9 @@ def step_evaluate(method: str, data: str, work: Path) -> None:
 
     from app.ml import madminer_patches
 
-    madminer_patches.apply()  # MadMiner 0.9.6 on NumPy 2: np.histogramdd(normed=...)
-    # only the keyword translation: the project's speed-ups stay out of the baseline
-    madminer_patches.REUSE_BIN_SEARCH = False
+    # MadMiner 0.9.6 runs on NumPy >= 1.24 only with the np.histogramdd(normed=...) keyword shim; none of the
+    # project's other patches (reused bin search, events read once, batched limits) is applied here
+    madminer_patches.apply_numpy_shim()
     limits = AsymptoticLimits(data)
     model = str(work / f"model_{method}")
     own = "sally" if method == "sally" else "ml"

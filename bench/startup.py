@@ -1,17 +1,15 @@
-"""Start-up and exit cost: ``python -m app --help`` and ``--cfg job`` against a bare Hydra app with one option,
-and the end of a process that has done a job's imports.
+"""Start-up cost: ``python -m app --help`` and ``--cfg job`` against a bare Hydra app with one option.
 
-Runs each command --runs times, the apps alternating, and prints the median wall and CPU (user +
-system) times and the ratios app / bare (goal: <= 2x). On a shared machine the CPU times are the
-steadier figure. The bare app is written to a temporary folder: one YAML option,
-``@hydra.main`` and a print.
+Runs each command --runs times, the apps alternating, and prints the median wall and CPU (user + system)
+times and the ratios app / bare (goal: <= 2x, by design: Hydra deep-copies the ConfigStore once per config
+group that ``--help`` lists, so the app registers only what its YAML options need, app.config). On a shared
+machine the CPU times are the steadier figure. The bare app is written to a temporary folder: one YAML
+option, ``@hydra.main`` and a print; it runs with the same PYTHONPATH (the same Hydra plugins).
 
-``exit``: a process imports what a job imports (app.sweep.warm_imports) and ends with the interpreter's ordinary
-exit, against the same process ending through ``app.main.exit_now`` (atexit handlers, flush, ``os._exit``),
-alternating. ``--run`` adds the default run (``python -m app cache.enabled=false tracking=local``) with
-``MADMINER_SWEEPER_FULL_EXIT=1`` (the ordinary exit) against without.
+``--against SRC`` adds the app of another checkout (its ``src`` folder, e.g. the commit before a change),
+measured in the same alternation, for a side-by-side before/after.
 
-    python bench/startup.py [--runs 5] [--run]
+    python bench/startup.py [--runs 5] [--against ../main/src]
 """
 
 from __future__ import annotations
@@ -52,52 +50,37 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-IMPORTS = "from app.sweep import warm_imports; warm_imports(True)"
-
-
-def side_by_side(label: str, commands: dict[str, tuple[list[str], dict]], cwd: Path, runs: int) -> None:
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    for _ in range(runs):
-        for name, (cmd, env) in commands.items():
-            times[name].append(timed(cmd, cwd, env))
-    (a, b) = commands
-    for i, what in enumerate(("wall", "CPU")):
-        first = statistics.median(t[i] for t in times[a])
-        second = statistics.median(t[i] for t in times[b])
-        print(f"{label:<10} {what:<4} {a} {first:6.2f} s   {b} {second:6.2f} s   saved {first - second:5.2f} s "
-              f"(median of {runs})", flush=True)  # fmt: skip
+def with_src(src: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--run", action="store_true", help="also the default run, ordinary exit vs exit_now")
+    parser.add_argument("--against", type=Path, help="the src folder of another checkout, measured side by side")
     args = parser.parse_args()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = with_src(REPO / "src")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "bare.py").write_text(BARE)
         (tmp / "config.yaml").write_text("option: 1\n")
-        apps = {"app": [sys.executable, "-m", "app"], "bare": [sys.executable, str(tmp / "bare.py")]}
+        apps = {"app": ([sys.executable, "-m", "app"], env)}
+        if args.against:
+            apps["against"] = ([sys.executable, "-m", "app"], with_src(args.against.resolve()))
+        apps["bare"] = ([sys.executable, str(tmp / "bare.py")], env)
         for flags in (["--help"], ["--cfg", "job"]):
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
             for _ in range(args.runs):
-                for name, cmd in apps.items():
-                    times[name].append(timed(cmd + flags, tmp, env))
+                for name, (cmd, app_env) in apps.items():
+                    times[name].append(timed(cmd + flags, tmp, app_env))
             for i, what in enumerate(("wall", "CPU")):
-                app = statistics.median(t[i] for t in times["app"])
-                bare = statistics.median(t[i] for t in times["bare"])
-                print(f"{' '.join(flags):<10} {what:<4} app {app:6.2f} s   bare Hydra app {bare:6.2f} s   "
-                      f"{app / bare:5.2f}x (median of {args.runs})", flush=True)  # fmt: skip
-        py = sys.executable
-        side_by_side("exit", {
-            "ordinary exit": ([py, "-c", IMPORTS], env),
-            "exit_now": ([py, "-c", f"{IMPORTS}; from app.main import exit_now; exit_now(0)"], env)}, tmp, args.runs)
-        if args.run:
-            run = [py, "-m", "app", "cache.enabled=false", "tracking=local", f"hydra.run.dir={tmp}/run"]
-            side_by_side("default run", {
-                "ordinary exit": (run, dict(env, MADMINER_SWEEPER_FULL_EXIT="1")),
-                "exit_now": (run, env)}, tmp, max(1, args.runs // 2))
+                median = {name: statistics.median(t[i] for t in runs) for name, runs in times.items()}
+                line = (f"{' '.join(flags):<10} {what:<4} app {median['app']:6.2f} s   bare Hydra app "
+                        f"{median['bare']:6.2f} s   {median['app'] / median['bare']:5.2f}x")
+                if "against" in median:
+                    line += (f"   | against {median['against']:6.2f} s ({median['against'] / median['bare']:5.2f}x "
+                             f"bare; app/against {median['app'] / median['against']:5.2f}x)")
+                print(f"{line} (median of {args.runs})", flush=True)
 
 
 if __name__ == "__main__":

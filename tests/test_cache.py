@@ -131,7 +131,6 @@ def test_key_refuses_values_that_are_not_plain():
 # --------------------------------------------------------------------------- hits and misses
 def test_miss_builds_once_then_hits_with_provenance(tmp_path):
     store, calls = StageCache(tmp_path / "c"), []
-    assert store.get("train", KEY) is None
     entry, reused = store.get_or_create("train", KEY, _builder(calls), {"method": "alices", "run_id": "r1"})
     assert (reused, len(calls)) == (False, 1)
     assert entry.path == tmp_path / "c" / "stages" / "train" / KEY
@@ -148,8 +147,8 @@ def test_miss_builds_once_then_hits_with_provenance(tmp_path):
     again, reused = store.get_or_create("train", KEY, _builder(calls), {"method": "other"})
     assert (reused, len(calls)) == (True, 1)
     assert again == entry
-    assert store.get("train", KEY) == entry
-    assert store.get("train", "cd" * 32) is None
+    _, reused = store.get_or_create("train", "cd" * 32, _builder(calls), {})  # another key: a miss
+    assert (reused, len(calls)) == (False, 2)
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
 
 
@@ -162,7 +161,7 @@ def test_a_failing_build_leaves_nothing_and_the_next_call_builds(tmp_path):
 
     with pytest.raises(RuntimeError, match="NaN loss"):
         store.get_or_create("train", KEY, broken, {})
-    assert store.get("train", KEY) is None
+    assert not store.entry_path("train", KEY).exists()
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
     _, reused = store.get_or_create("train", KEY, _builder(calls), {})
     assert (reused, len(calls)) == (False, 1)
@@ -171,7 +170,6 @@ def test_a_failing_build_leaves_nothing_and_the_next_call_builds(tmp_path):
 def test_disabled_cache_never_serves_and_refuses_to_build(tmp_path):
     StageCache(tmp_path / "c").get_or_create("train", KEY, _builder([]), {})
     off = StageCache(tmp_path / "c", enabled=False)
-    assert off.get("train", KEY) is None
     with pytest.raises(RuntimeError, match="off"):
         off.get_or_create("train", KEY, _builder([]), {})
 
@@ -179,9 +177,10 @@ def test_disabled_cache_never_serves_and_refuses_to_build(tmp_path):
 @pytest.mark.parametrize("name", ["../up", "a/b", "", "x.y"])
 def test_stage_and_key_names_cannot_escape_the_root(tmp_path, name):
     with pytest.raises(ValueError, match="letters, digits"):
-        StageCache(tmp_path).get("train", name)
+        StageCache(tmp_path).get_or_create("train", name, _builder([]), {})
     with pytest.raises(ValueError, match="letters, digits"):
-        StageCache(tmp_path).get(name, KEY)
+        StageCache(tmp_path).get_or_create(name, KEY, _builder([]), {})
+    assert not (tmp_path / "stages").exists()
 
 
 # --------------------------------------------------------------------------- damaged entries
@@ -221,16 +220,10 @@ def test_a_damaged_entry_is_not_served_and_is_rebuilt(tmp_path, caplog, damage, 
     damage(entry.path)
     assert verify(entry.path).startswith(problem)
     with caplog.at_level(logging.WARNING, logger="app.store.cache"):
-        assert store.get("train", KEY) is None
+        rebuilt, reused = store.get_or_create("train", KEY, _builder(calls), {})
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and problem in warnings[0] and KEY[:12] in warnings[0]
-    assert not entry.path.exists()
-
-    calls = []
-    store.get_or_create("train", KEY, _builder(calls), {})  # rebuilt after get() removed it ...
-    damage(entry.path)
-    rebuilt, reused = store.get_or_create("train", KEY, _builder(calls), {})  # ... and when it finds the damage
-    assert (reused, len(calls)) == (False, 2)
+    assert (reused, len(calls)) == (False, 2)  # not served: built again
     assert verify(rebuilt.path) is None
     assert (rebuilt.path / "x_train.npy").read_bytes() == b"payload"
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
@@ -262,34 +255,18 @@ def test_kill_9_during_a_build_leaves_nothing_served_and_the_next_call_builds(tm
         _wait_for(tmp_path / "w.started", proc)
         temps = list((root / "tmp").iterdir())
         assert len(temps) == 1 and (temps[0] / "ensemble" / "estimator_0" / "weights.bin").is_file()
-        assert store.clean_stale() == 0  # its build is still running: left alone
-        assert temps[0].exists()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert temps[0].exists()  # the leftover ...
-    assert store.get("train", KEY) is None  # ... is never served
-    assert not (root / "stages" / "train" / KEY).exists()
+    assert not (root / "stages" / "train" / KEY).exists()  # ... is never in place
 
     calls = []
     entry, reused = store.get_or_create("train", KEY, _builder(calls), {})
     assert (reused, len(calls)) == (False, 1)
     assert verify(entry.path) is None and (entry.path / "x_train.npy").read_bytes() == b"payload"
     assert list((root / "tmp").iterdir()) == []  # the leftover of the killed build is gone
-
-
-def test_clean_stale_removes_leftovers_of_killed_builds(tmp_path):
-    root = tmp_path / "c"
-    proc = _worker(tmp_path, root, sleep=60)
-    try:
-        _wait_for(tmp_path / "w.started", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    assert len(list((root / "tmp").iterdir())) == 1
-    assert StageCache(root).clean_stale() == 1
-    assert list((root / "tmp").iterdir()) == []
 
 
 def test_two_processes_with_the_same_key_build_once_and_both_succeed(tmp_path):
@@ -392,7 +369,7 @@ def test_size_and_clear(tmp_path):
     assert freed == total - len("mine, not the cache's")
     assert [p.name for p in root.iterdir()] == ["notes.txt"]  # only what the project writes is removed
     assert store.size() == len("mine, not the cache's")
-    assert store.get("train", KEY) is None and store.entries() == {}
+    assert store.entries() == {} and not store.entry_path("train", KEY).exists()
     (root / "notes.txt").unlink()
     assert store.clear() == 0 and not root.exists()
 

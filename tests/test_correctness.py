@@ -91,8 +91,8 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
     """The evaluate stage's limits (and their truth metrics) for the run's model re-initialised, saved in ``target``."""
     from app.domain import datafile
     from app.domain.methods import METHODS
+    from app.evaluation.limits import expected_limits
     from app.ml import estimators, madminer_patches
-    from app.stages import evaluate
     from app.store.files import read_json
     from app.toy.truth import ToyTruth
     from app.workflow import compose
@@ -103,16 +103,16 @@ def _untrained_limits(run_dir: Path, target: Path, seed: int, overrides: list[st
     for i, member in enumerate(members):
         name = target / meta["model_name"]
         member.save(str(name / f"estimator_{i}" if len(members) > 1 else name))
-    madminer_patches.apply()
+    madminer_patches.apply_numpy_shim()
     cfg = compose([*overrides, "tracking=disabled"])
     info = datafile.inspect(Path(json.loads((run_dir / "run.json").read_text())["data_path"]), is_toy=True)
     out = target.parent / f"{target.name}-results"
     out.mkdir()
     np.random.seed(cfg.sampling.seed + 1)
     model_file = target / meta["model_name"]
-    with estimators.madminer_loads_from(model_file.parent):
+    with madminer_patches.estimators_loaded_by(lambda _file: estimators.load(model_file.parent)):
         truth = ToyTruth.from_file(info.path)
-        found = evaluate._limits(cfg, METHODS[cfg.training.method], info, model_file, out, truth)
+        found = expected_limits(cfg, METHODS[cfg.training.method], info, model_file, out, truth)
     return {k.replace("LimitMode.", ""): v for k, v in found.items()}  # the composed config holds enums
 
 
@@ -188,7 +188,7 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
     assert np.max(np.abs(members[0] - members[1])) > 1e-3  # the members differ: the mean is not one of them
 
     # the same networks untrained miss the bound
-    from app.stages.evaluate import truth_score_metrics
+    from app.evaluation.truth_metrics import truth_score_metrics
     from app.toy.truth import ToyTruth
 
     for seed in range(2):
@@ -205,7 +205,7 @@ def test_score_ensemble_with_adaptive_sally_meets_the_truth_bounds(run_app, tmp_
 
 def _untrained_density_metrics(run_dir: Path, seed: int) -> dict:
     """The truth metrics of the run's density networks re-initialised with ``seed``, on the run's test events."""
-    from app.stages.evaluate import truth_density_metrics
+    from app.evaluation.truth_metrics import truth_density_metrics
     from app.toy.truth import ToyTruth
 
     x, grid = np.load(run_dir / "results" / "test_x.npy"), np.load(run_dir / "results" / "grid.npy")
@@ -244,7 +244,7 @@ def test_density_with_gaussian_mixtures_meets_the_likelihood_gap_bound(run_app, 
 # --------------------------------------------------------------------------- item 2: double-parameterized
 @pytest.mark.slow
 def test_double_parameterized_learns_varying_theta1_away_from_the_sm(run_app, tmp_path):
-    from app.stages.evaluate import truth_log_r_metrics
+    from app.evaluation.truth_metrics import truth_log_r_metrics
     from app.toy.truth import ToyTruth
 
     proc = run_app(
@@ -268,11 +268,11 @@ def test_double_parameterized_learns_varying_theta1_away_from_the_sm(run_app, tm
 
 # --------------------------------------------------------------------------- item 3: thetaref
 def test_sallino_uses_the_training_point_as_thetaref(run_app, tmp_path, monkeypatch):
-    from app.stages import evaluate
+    from app.domain import theta
 
     info = type("Info", (), {"n_parameters": 2})()
     cfg = OmegaConf.create({"sampling": {"theta": {"type": "morphing_point", "values": AWAY}}})
-    np.testing.assert_array_equal(evaluate.training_point(cfg, info), AWAY)
+    np.testing.assert_array_equal(theta.training_point(cfg, info), AWAY)
 
     proc = run_app(
         "training=sallino", f"sampling.theta={{type: morphing_point, values: [{AWAY[0]}, {AWAY[1]}]}}",
@@ -284,13 +284,13 @@ def test_sallino_uses_the_training_point_as_thetaref(run_app, tmp_path, monkeypa
 
 # --------------------------------------------------------------------------- item 4: Fisher information
 def test_fisher_metrics_mean_something(caplog):
-    from app.stages.evaluate import fisher_metrics
+    from app.evaluation.fisher import fisher_metrics
 
     gradient = np.array([2.0, 1.0])
     rate = np.outer(gradient, gradient)  # rank 1, as MadMiner's rate information always is
     histo = np.array([[4.0, 1.0], [1.0, 2.0]])
     full = np.array([[9.0, 1.0], [1.0, 8.0]])
-    with caplog.at_level(logging.INFO, logger="app.stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="app.evaluation.fisher"):
         m = fisher_metrics({"rate": rate, "histo": histo, "full": full}, ["A", "B"])
     assert m["fisher_rate_eigenvalue"] == pytest.approx(5.0)
     assert m["fisher_histo_sigma_A"] == pytest.approx(np.sqrt(2 / 7))  # inv(histo) = [[2, -1], [-1, 4]] / 7
@@ -298,7 +298,7 @@ def test_fisher_metrics_mean_something(caplog):
     assert m["fisher_full_gain_over_histo"] == pytest.approx(0.5 * np.log(71 / 7))
     assert not [k for k in m if k.endswith("_det")]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="app.evaluation.fisher"):
         m = fisher_metrics({"rate": rate, "histo": rate, "full": full}, ["A", "B"])
     assert "fisher_histo_sigma_A" not in m and "fisher_full_gain_over_histo" not in m
     assert "fisher_full_sigma_A" in m
@@ -307,12 +307,11 @@ def test_fisher_metrics_mean_something(caplog):
 
 # --------------------------------------------------------------------------- item 5: theta_true and the grid
 def test_theta_true_null_is_the_sm_benchmark_and_the_grid_follows_the_file(toy_path, tmp_path, caplog):
-    from app.domain import datafile
+    from app.domain import datafile, theta
     from app.errors import UserError
-    from app.stages import evaluate
 
     info = datafile.inspect(toy_path, is_toy=True)
-    assert evaluate.grid_ranges(_cfg(), info) == [(-5.0, 5.0), (-5.0, 5.0)]  # half the stored ranges
+    assert theta.grid_ranges(_cfg(), info) == [(-5.0, 5.0), (-5.0, 5.0)]  # half the stored ranges
 
     moved = _copy(toy_path, tmp_path)
     with h5py.File(moved, "a") as f:
@@ -322,11 +321,11 @@ def test_theta_true_null_is_the_sm_benchmark_and_the_grid_follows_the_file(toy_p
         f["benchmarks/values"][...] = values
         del f["parameters/val_ranges"]
     info = datafile.inspect(moved)
-    np.testing.assert_array_equal(evaluate.theta_true(_cfg(), info), [1.0, -0.5])
-    assert "the file's 'sm' benchmark" in evaluate.describe_theta_true(_cfg(), info)
-    np.testing.assert_array_equal(evaluate.theta_true(_cfg(theta_true=[2, 3]), info), [2.0, 3.0])
+    np.testing.assert_array_equal(theta.theta_true(_cfg(), info), [1.0, -0.5])
+    assert "the file's 'sm' benchmark" in theta.describe_theta_true(_cfg(), info)
+    np.testing.assert_array_equal(theta.theta_true(_cfg(theta_true=[2, 3]), info), [2.0, 3.0])
     # no stored ranges: the benchmarks' span, not a silent +-0.5
-    spans = evaluate.grid_ranges(_cfg(), info)
+    spans = theta.grid_ranges(_cfg(), info)
     assert spans == [(float(values[:, 0].min()), float(values[:, 0].max())),
                      (float(values[:, 1].min()), float(values[:, 1].max()))]
     assert spans[0][1] - spans[0][0] > 10
@@ -339,10 +338,10 @@ def test_theta_true_null_is_the_sm_benchmark_and_the_grid_follows_the_file(toy_p
         values[:, 1] = 0.0  # the benchmarks do not span the second parameter
         f["benchmarks/values"][...] = values
     info = datafile.inspect(renamed)
-    np.testing.assert_array_equal(evaluate.theta_true(_cfg(), info), [0.0, 0.0])
-    assert "the origin: the file has no 'sm' benchmark" in evaluate.describe_theta_true(_cfg(), info)
+    np.testing.assert_array_equal(theta.theta_true(_cfg(), info), [0.0, 0.0])
+    assert "the origin: the file has no 'sm' benchmark" in theta.describe_theta_true(_cfg(), info)
     with pytest.raises(UserError, match=r"set evaluation.grid.ranges .*CPWL2"):
-        evaluate.grid_ranges(_cfg(), info)
+        theta.grid_ranges(_cfg(), info)
 
 
 def test_grid_without_ranges_is_a_one_line_error_before_any_work(run_app, tmp_path, toy_path):
@@ -364,19 +363,20 @@ def test_expected_events_and_oversampling_are_reported(toy_path, caplog):
     from madminer.limits import AsymptoticLimits
 
     from app.domain import datafile
-    from app.stages import evaluate, sample
+    from app.evaluation.limits import log_expected_events
+    from app.stages import sample
 
     limits = AsymptoticLimits(str(toy_path))
     cfg = OmegaConf.create({"evaluation": {"luminosity": 1000.0}})
     with caplog.at_level(logging.INFO):
-        evaluate._log_expected_events(cfg, limits, np.zeros(2))
+        log_expected_events(cfg, limits, np.zeros(2))
     text = " ".join(r.getMessage() for r in caplog.records)
     n = float(text.split("expected events at theta_true: ")[1].split()[0])
     assert n == pytest.approx(1000.0 * simulator.SIGMA_SM, rel=0.1)  # L [pb^-1] x sigma [pb]
     assert "only" in text and "events expected at theta_true" in text and "pb^-1" in text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        evaluate._log_expected_events(OmegaConf.create({"evaluation": {"luminosity": 1e5}}), limits, np.zeros(2))
+        log_expected_events(OmegaConf.create({"evaluation": {"luminosity": 1e5}}), limits, np.zeros(2))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     info = datafile.inspect(toy_path)
@@ -405,7 +405,7 @@ def test_device_choice_is_honoured_and_restored(monkeypatch, tmp_path):
     from madminer.utils.ml.trainer import Trainer
 
     from app.ml import device
-    from app.stages.evaluate import model_log_r_grid
+    from app.ml.batched import model_log_r_grid
 
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     original = Trainer.__init__
@@ -415,11 +415,12 @@ def test_device_choice_is_honoured_and_restored(monkeypatch, tmp_path):
     estimator._create_model()
     x = np.random.default_rng(0).normal(size=(50, 2))
     with device.use("cpu") as name:
-        assert name == "cpu" and device.current() == "cpu"
+        assert name == "cpu"
         assert Trainer(estimator.model, n_workers=0).device == torch.device("cpu")
-        # the batched evaluation honours it too (today's code moves the model to CUDA whenever it is visible)
-        assert model_log_r_grid(estimator, x, np.zeros((3, 2)), np.zeros(2)).shape == (3, 50)
-    assert Trainer.__init__ is original and device.current() == "cpu"
+        # the batched evaluation runs where it is told (the evaluate stage passes the name device.use yields)
+        assert model_log_r_grid(estimator, x, np.zeros((3, 2)), np.zeros(2), name).shape == (3, 50)
+        assert next(estimator.model.parameters()).device == torch.device("cpu")
+    assert Trainer.__init__ is original
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # nothing leaks into later jobs
     assert device.resolve("auto") == "cuda"
 

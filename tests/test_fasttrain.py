@@ -189,9 +189,12 @@ def test_nans_and_unsupported_estimators(toy_path, caplog):
     ]
     import torch
 
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA device"):
-            fasttrain._device("cuda")
+    from app.errors import UserError
+
+    if not torch.cuda.is_available():  # the one device resolver (app.ml.device.resolve): one line, before training
+        with pytest.raises(UserError, match="training.device=cuda but torch sees no CUDA device"):
+            fasttrain.fit(ParameterizedRatioEstimator(n_hidden=(8,)), "fast", "cuda", **SETTINGS["alices"]["train"],
+                          **data)  # fmt: skip
 
 
 def test_gpu_check_says_no_gpu_without_one():

@@ -1,4 +1,4 @@
-"""The batched ``ml`` limits (app.ml.estimators.limits_class) against MadMiner's per-grid-point evaluation.
+"""The batched ``ml`` limits (app.ml.madminer_patches.batched_limits) against MadMiner's per-grid-point evaluation.
 
 Same trained model, same Asimov data: the p-values agree within P_VALUE_TOLERANCE and the kinematic
 log-likelihoods within LLR_TOLERANCE (float32 networks evaluated in different batch shapes; measured
@@ -12,8 +12,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from app.ml import fasttrain
-from app.ml.estimators import limits_class
+from app.evaluation.limits import HISTO_THETA_BATCH
+from app.ml import fasttrain, madminer_patches
 from app.toy import simulator
 
 P_VALUE_TOLERANCE = 1e-6
@@ -73,7 +73,8 @@ def test_batched_ml_limits_equal_madminers(models, name):
 
     reference_cls = DoubleByMadMinerAPI if name == "double" else AsymptoticLimits
     for include_xsec in (True, False):
-        grid, p_fast, i_fast, llr_fast = _limits(limits_class(), models["path"], models[name], include_xsec)
+        batched = madminer_patches.batched_limits()
+        grid, p_fast, i_fast, llr_fast = _limits(batched, models["path"], models[name], include_xsec)
         grid_mm, p_mm, i_mm, llr_mm = _limits(reference_cls, models["path"], models[name], include_xsec)
         np.testing.assert_array_equal(grid, grid_mm)
         assert i_fast == i_mm
@@ -85,24 +86,22 @@ def test_batched_ml_limits_equal_madminers(models, name):
 
 @pytest.mark.parametrize("hist_bins", [None, [5, 4]])
 def test_histo_limits_with_low_memory_binning_and_cached_bin_search_equal_madminers(models, hist_bins):
-    """The histogram limits as the evaluate stage computes them (Limits: the binning from the mean weight over the
-    grid, histograms filled HISTO_THETA_BATCH grid points at a time, compat's reused bin search) equal MadMiner's
-    own AsymptoticLimits with its defaults: the same bins, the same p-values."""
+    """The histogram limits as the evaluate stage computes them (batched_limits: the binning from the mean weight over
+    the grid, histograms filled HISTO_THETA_BATCH grid points at a time, reused_bin_search) equal MadMiner's own
+    AsymptoticLimits with its defaults (only the NumPy keyword shim): the same bins, the same p-values."""
     from madminer.limits import AsymptoticLimits
 
-    from app.ml import madminer_patches
-    from app.stages.evaluate import HISTO_THETA_BATCH
-
-    madminer_patches.apply()
+    madminer_patches.apply_numpy_shim()
     settings = dict(mode="histo", theta_true=np.array([1.0, -2.0]), grid_ranges=[(-8.0, 8.0), (-8.0, 8.0)],
                     grid_resolutions=[12, 12], luminosity=10000.0, include_xsec=True, test_split=0.2,
                     hist_vars=["pt_j1", "delta_phi_jj"][: 1 if hist_bins is None else 2], hist_bins=hist_bins,
                     n_histo_toys=None, n_binning_toys=None, return_histos=True)  # fmt: skip
     assert HISTO_THETA_BATCH < 144  # several batches
-    ours = limits_class()(str(models["path"])).expected_limits(**settings, histo_theta_batchsize=HISTO_THETA_BATCH)
-    madminer_patches._LAST.clear()
-    with mock.patch.object(madminer_patches, "_bin_index", lambda *_: None):  # numpy's own histogramdd every time
-        theirs = AsymptoticLimits(str(models["path"])).expected_limits(**settings)
+    with madminer_patches.reused_bin_search():
+        ours = madminer_patches.batched_limits()(str(models["path"])).expected_limits(
+            **settings, histo_theta_batchsize=HISTO_THETA_BATCH
+        )
+    theirs = AsymptoticLimits(str(models["path"])).expected_limits(**settings)  # numpy's own histogramdd every time
     np.testing.assert_array_equal(ours[0], theirs[0])
     for a, b in zip(ours[5], theirs[5]):
         for edges_a, edges_b in zip(a.edges, b.edges):

@@ -1,76 +1,66 @@
-"""``--help`` lists the config groups from one copy of Hydra's config repository, with Hydra's own text."""
+"""Start-up: ``--help`` lists the groups a user chooses from, with Hydra's own text; ``--help`` and ``--cfg job``
+import nothing heavy; the ConfigStore holds only what the YAML options need (Hydra deep-copies all of it once per
+group that ``--help`` lists, so every registered schema costs every ``--help``: bench/startup.py measures it)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import app_checked_at_exit
 
-COUNT_COPIES = (
-    "import sys\n"
-    "from hydra._internal import config_repository as r\n"
-    "init = r.CachingConfigRepository.__init__\n"
-    "n = [0]\n"
-    "def counting(self, delegate):\n"
-    "    n[0] += 1\n"
-    "    init(self, delegate)\n"
-    "r.CachingConfigRepository.__init__ = counting\n"
-    "import app.main as m\n"
-    "sys.argv = ['app', '--help']\n"
-    "try:\n    m.main() if '{patched}' == 'yes' else m.task()\n"
-    "except SystemExit:\n    pass\n"
-    "print('COPIES', n[0], file=sys.stderr)\n"
-)
+from app.main import config_dir
+
+CONF = Path(config_dir())
+HEAVY = "'HEAVY', [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules]"
+# conf/tracking/*.yaml (the tracking engineer's) still pull in /schema/tracking@_here_, so app.config registers it
+# until they drop that line: then `schema` leaves --help and the ConfigStore, and this test holds without the xfail.
+PENDING_SCHEMA = any("/schema/" in p.read_text() for p in CONF.rglob("*.yaml"))
 
 
-def _help(patched: bool) -> tuple[str, int]:
-    code = COUNT_COPIES.replace("{patched}", "yes" if patched else "no")
-    env = dict(os.environ, MADMINER_SWEEPER_FULL_EXIT="1")  # main() returns here, as Python's own exit does
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    copies = int(proc.stderr.rsplit("COPIES", 1)[1].split()[0])
-    return proc.stdout, copies
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", app_checked_at_exit(HEAVY), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HEAVY []" in proc.stderr, (args, proc.stderr[-2000:])  # printed at exit
+    return proc
 
 
-def test_help_shares_one_repository_copy_and_keeps_hydras_text():
-    fast_text, fast_copies = _help(patched=True)
-    slow_text, slow_copies = _help(patched=False)
-    # the same text, less the `schema` group (the typed bases of the presets, not a choice)
-    assert "\nschema: " in slow_text and "\nschema: " not in fast_text
-    schema_line = next(line for line in slow_text.splitlines() if line.startswith("schema: "))
-    assert fast_text == slow_text.replace(schema_line + "\n", "")
-    assert "training: alice, alices, carl" in fast_text and "== Config ==" in fast_text
-    assert slow_copies > 50  # Hydra 1.3: one deep copy per listed group (and more)
-    assert fast_copies <= 3, fast_copies
+def test_help_lists_the_groups_of_conf_and_imports_nothing_heavy():
+    text = _run("--help").stdout
+    groups_text = text.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    listed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in groups_text.splitlines()
+              if ": " in line and not line.startswith(" ")}
+    folders = {p.parent.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml") if p.parent != CONF}
+    expected = {f for f in folders if not f.startswith("hydra")}
+    assert set(listed) - {"schema"} == expected, listed
+    for group in expected:  # each with its YAML options, as Hydra lists them
+        assert listed[group] == ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml"))), group
+    assert "training: alice, alices, carl" in text and "== Config ==" in text and "method: alices" in text
+    if PENDING_SCHEMA:
+        pytest.xfail("conf/tracking/*.yaml still pull in /schema/tracking: `schema` is listed")
+    assert "schema" not in listed
 
 
-EXIT = (
-    "import atexit, sys, threading, time\n"
-    "from pathlib import Path\n"
-    "from app.main import exit_now\n"
-    "out = Path(sys.argv[1])\n"
-    "def later():\n    time.sleep(0.5)\n    (out / 'thread').write_text('joined')\n"
-    "threading.Thread(target=later).start()\n"
-    "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
-    "sys.stdout.write('buffered, no newline')\n"
-    "log = open(out / 'log', 'w', buffering=1 << 20)\n"
-    "log.write('kept')\n"
-    "atexit.register(log.close)\n"
-    "exit_now(sys.argv[2] if not sys.argv[2].isdigit() else int(sys.argv[2]))\n"
-    "print('never here')\n"
-)
+def test_cfg_job_prints_the_composed_config_and_imports_nothing_heavy():
+    out = _run("training=sally", "--cfg", "job").stdout
+    assert "method: sally" in out and "kind: local" in out and "n_hidden:" in out  # defaults from app.config
 
 
-@pytest.mark.parametrize("code, rc", [("0", 0), ("3", 3), ("stopped: a message", 1)])
-def test_exit_now_keeps_what_a_normal_exit_guarantees(tmp_path, code, rc):
-    """exit_now skips the module teardown only: threads joined, atexit handlers run, buffers flushed, exit code."""
-    env = {k: v for k, v in os.environ.items() if k != "MADMINER_SWEEPER_FULL_EXIT"}
-    proc = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path), code], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == rc, proc.stderr
-    assert proc.stdout == "buffered, no newline"
-    assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
-    assert (tmp_path / "log").read_text() == "kept"
-    assert ("stopped: a message" in proc.stderr) == (rc == 1)
-    assert "Traceback" not in proc.stderr
+def test_config_store_holds_only_what_the_yaml_options_need():
+    from hydra.core.config_store import ConfigStore
+
+    import app.main  # noqa: F401 - registers the configs
+
+    def names(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            yield from names(value, f"{prefix}{key}/") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+    ours = {n for n in names(ConfigStore.instance().repo) if not n.startswith(("hydra/", "_dummy_empty_config_"))}
+    expected = {"base_config.yaml", "toy_data_schema.yaml", "file_data_schema.yaml"}
+    assert ours - {"schema/tracking.yaml"} == expected, ours
+    if PENDING_SCHEMA:
+        pytest.xfail("conf/tracking/*.yaml still pull in /schema/tracking")
+    assert ours == expected

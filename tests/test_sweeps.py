@@ -100,8 +100,18 @@ def test_a_search_may_not_rank_alpha_with_the_alpha_weighted_loss(run_app, tmp_p
 
 def test_cross_method_best_only_with_a_comparable_metric(run_app, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_app("-m", *TINY, "training=alices,sally", "objective.metric=limits_cl68_area",
-            f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sw", tracking="local")
+    proc = run_app("-m", *TINY, "training=alices,sally", "objective.metric=limits_cl68_area",
+                   f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sw", tracking="local")
+    # the sweep's table ranks both methods and ends with the one mlflow ui line
+    table = proc.stdout[proc.stdout.index("sweep: 2 jobs"):].splitlines()
+    areas = [_metrics(tmp_path / "sw" / str(i))["limits_cl68_area"] for i in (0, 1)]
+    assert table[0] == "sweep: 2 jobs: 2 finished, 0 failed, 0 pruned"
+    assert table[1].split() == ["job", "status", "limits_cl68_area", "overrides"]
+    best = areas.index(min(areas))
+    assert "(best)" in table[2 + best] and "(best)" not in table[3 - best]
+    assert table[2].endswith("training=alices") and table[3].endswith("training=sally")
+    assert table[4:6] == [f"outputs: {tmp_path}/sw", f"compare runs: mlflow ui --backend-store-uri {uri} --host "
+                          "127.0.0.1, then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"]
     c, runs = _runs(uri)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -216,9 +226,17 @@ def test_a_failing_trial_does_not_end_the_grid(run_app, tmp_path):
     proc = run_app("-m", *TINY, "training.n_epochs=1", "training.initial_lr=1e9,0.001",
                    f"hydra.sweep.dir={tmp_path}/sw", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.out, proc.out[-3000:]
-    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed: ")]
-    assert len(failed) == 1 and "training.initial_lr=1000000000.0" in failed[0] and "diverged" in failed[0]
-    assert "1 of 2 jobs failed" in proc.stderr
+    assert proc.stderr.count("failed: ") == 1 and "Error executing job" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("failed: job 0 [training.initial_lr=1000000000.0]: TrainingFailed: "
+                                                   "training diverged")
+    table = proc.stdout[proc.stdout.index("sweep: 2 jobs"):].splitlines()
+    objective = f"{_metrics(tmp_path / 'sw' / '1')['val_improved_xe']:.6g}"
+    assert [line.split() for line in table[:4]] == [
+        ["sweep:", "2", "jobs:", "1", "finished,", "1", "failed,", "0", "pruned"],
+        ["job", "status", "val_improved_xe", "overrides"],
+        ["0", "failed", "-", "training.initial_lr=1000000000.0"],
+        ["1", "finished", objective, "(best)", "training.initial_lr=0.001"]]
+    assert table[4:] == [f"outputs: {tmp_path}/sw"]  # tracking disabled: no mlflow ui line
     assert "val_improved_xe" in _metrics(tmp_path / "sw" / "1")
     assert not (tmp_path / "sw" / "0" / "model").exists()
 
@@ -230,12 +248,27 @@ def test_a_failing_trial_inside_an_optuna_search(run_app, tmp_path):
                    "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=3", "training.initial_lr=choice(1e9,0.001)",
                    f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/sw", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.out, proc.out[-3000:]
-    assert "1 of 3 jobs failed" in proc.stderr
+    assert "sweep: 3 jobs: 2 finished, 1 failed, 0 pruned" in proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("failed: ")] == \
+        ["failed: job 2 [training.initial_lr=1000000000.0]: TrainingFailed: training diverged: the loss became NaN or "
+         "infinite in epoch 1; lower training.initial_lr, set training.clip_gradient, or check the samples for extreme "
+         "weights"]
     import optuna
 
     study = optuna.load_study(study_name="alices-optuna", storage=storage)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+def test_a_search_over_its_failure_budget_stops_with_exit_1(run_app, tmp_path):
+    """The preset's max_failure_rate=0.5: the first trial fails, 1 of 1 > 0.5, no second trial starts."""
+    proc = run_app("-m", "hparams_search=alices_optuna", *TINY, "training.n_epochs=1", "hydra.sweeper.params=null",
+                   "training.initial_lr=choice(1e9)", f"hydra.sweeper.storage=sqlite:///{tmp_path}/o.db",
+                   f"hydra.sweep.dir={tmp_path}/sw", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.out, proc.out[-3000:]
+    assert "sweep: 1 jobs: 0 finished, 1 failed, 0 pruned" in proc.stdout
+    assert "stopped after 1 jobs: 1 failed, more than hydra.sweeper.max_failure_rate=0.5" in proc.stdout
+    assert proc.stderr.count("failed: job 0 ") == 1 and not (tmp_path / "sw" / "1").exists()
 
 
 def test_an_optuna_study_resumes(run_app, tmp_path):
@@ -332,95 +365,3 @@ def test_madminer_trainer_gets_scaled_validation_thetas(tmp_path):
     reference.initialize_parameter_transform(np.concatenate([np.load(files["theta0"]), np.load(files["theta1"])]))
     np.testing.assert_allclose(scaled["theta0_val"], reference._transform_parameters(np.load(files["theta0_val"])))
     assert _prescaled_validation_thetas({k: str(v) for k, v in files.items()}, "morphing_aware") == {}
-
-
-def test_in_process_grid_composes_each_job_config_once():
-    """Hydra composes a job's config to validate the batch and again in the launcher; with the in-process launcher
-    the launcher takes the validated one (each config object used once), other launchers compose as before."""
-    from hydra_plugins.madminer_sweeper.sweepers import _compose_once
-
-    class Loader:
-        def __init__(self):
-            self.calls = 0
-
-        def load_sweep_config(self, master_config, sweep_overrides):
-            self.calls += 1
-            return {"overrides": list(sweep_overrides), "n": self.calls}
-
-    class BasicLauncher:
-        pass
-
-    class JoblibLauncher:
-        pass
-
-    master = object()
-    loader = Loader()
-    with _compose_once(loader, BasicLauncher()):
-        validated = [loader.load_sweep_config(master_config=master, sweep_overrides=[f"a={i}"]) for i in range(3)]
-        launched = [loader.load_sweep_config(master, [f"a={i}"]) for i in range(3)]
-        again = loader.load_sweep_config(master, ["a=0"])  # a config is handed out once, then composed anew
-    assert loader.calls == 4
-    assert all(v is w for v, w in zip(validated, launched)) and again["n"] == 4
-    assert "load_sweep_config" not in vars(loader)  # unwrapped afterwards
-    with _compose_once(loader, JoblibLauncher()):
-        loader.load_sweep_config(master, ["a=0"])
-        loader.load_sweep_config(master, ["a=0"])
-    assert loader.calls == 6
-
-
-def test_joblib_workers_started_early_are_the_ones_the_launcher_uses():
-    """app.sweep.StartWorkers starts the joblib launcher's workers (and their imports) when the sweep starts; the
-    launcher's own Parallel call, with the same arguments, must reuse them rather than start new ones."""
-    import os
-
-    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
-    from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
-    from joblib import Parallel, delayed
-    from omegaconf import OmegaConf
-
-    from app import sweep
-
-    config = OmegaConf.to_container(OmegaConf.structured(JobLibLauncherConf(n_jobs=2)))
-    kwargs = {k: v for k, v in config.items() if k != "_target_"}
-    futures = sweep.start_workers(kwargs, tracking=False)
-    warm = {future.result(timeout=300) for future in futures}
-    assert len(warm) == 2 and os.getpid() not in warm
-    cfg = dict(kwargs, backend="loky")
-    process_joblib_cfg(cfg)  # what hydra_joblib_launcher._core.launch does before its Parallel call
-    used = set(Parallel(**cfg)(delayed(os.getpid)() for _ in range(6)))
-    assert used <= warm
-    sweep.release_workers()
-
-
-def test_jobs_composed_from_kept_group_choices_equal_hydras_own(tmp_path):
-    """app.main keeps the defaults list and the merged config per set of group choices: every job's config, values
-    and group choices alike, in any order, must be exactly what Hydra composes on its own."""
-    script = (
-        "import json, os, sys\n"
-        "import app.main\n"
-        "from hydra import compose, initialize_config_dir\n"
-        "from omegaconf import OmegaConf\n"
-        "jobs = [['training.alpha=2'], ['training=sally'], ['training=sally', 'training.alpha=3'],\n"
-        "        ['training.alpha=5', 'sampling.n_samples=700'], ['training.alpha=2'], ['+experiment=quickstart'],\n"
-        "        ['training=sally', 'hydra/launcher=joblib'], ['tracking=disabled', 'training.alpha=7']]\n"
-        "out = []\n"
-        "with initialize_config_dir(config_dir=app.main.config_dir(), version_base='1.3'):\n"
-        "    for overrides in jobs:\n"
-        "        cfg = compose(config_name='config', overrides=overrides, return_hydra_config=True)\n"
-        "        cfg.hydra.runtime.cwd = ''\n"
-        "        out.append(OmegaConf.to_yaml(cfg))\n"
-        "import hydra._internal.config_loader_impl as impl\n"
-        "print(json.dumps({'kept': getattr(impl, '_madminer_sweeper', False), 'configs': out}))\n"
-    )
-    results = {}
-    for mode in ("plain", "kept"):
-        env = dict(os.environ, MADMINER_SWEEPER_HYDRA_COMPOSE=mode)
-        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results["kept"]["kept"] and not results["plain"]["kept"]
-    plain, kept = results["plain"]["configs"], results["kept"]["configs"]
-    assert "alpha: 2.0" in plain[0] and "alpha: 3.0" in plain[2] and "method: sally" in plain[2]
-    for i, (a, b) in enumerate(zip(plain, kept)):
-        assert a == b, f"job {i} differs"

@@ -238,7 +238,7 @@ def test_expected_limits_are_madminer_statistic_with_a_perfect_estimator(toy_fil
 
     from app.ml import madminer_patches
 
-    madminer_patches.apply()
+    madminer_patches.apply_numpy_shim()
     _, path = toy_file
     truth = ToyTruth.from_file(path)
 
@@ -366,7 +366,7 @@ def tiny_estimators(tmp_path_factory):
 
 
 def test_batched_estimator_evaluation_equals_madminer(tiny_estimators):
-    from app.stages.evaluate import model_log_likelihood_grid, model_log_r_grid
+    from app.ml.batched import model_log_likelihood_grid, model_log_r_grid
 
     e = tiny_estimators
     x = e["x"]
@@ -392,7 +392,7 @@ def test_batched_estimator_evaluation_equals_madminer(tiny_estimators):
 
 def test_density_estimates_are_normalised_in_observable_space(tiny_estimators):
     """With the Jacobian the estimated p(x | theta) integrates to 1 over (pt_j1, delta_phi_jj)."""
-    from app.stages.evaluate import model_log_likelihood_grid
+    from app.ml.batched import model_log_likelihood_grid
 
     density = tiny_estimators["density"]
     mean, std = density.x_scaling_means, density.x_scaling_stds
@@ -411,13 +411,13 @@ def test_truth_metrics_skipped_with_one_reason(tmp_path, caplog):
     from omegaconf import OmegaConf
 
     from app.domain.datafile import inspect
-    from app.stages.evaluate import truth_for
+    from app.evaluation.truth_metrics import truth_for
 
     path = simulator.generate_toy_file(simulator.ToySettings(n_events=600), tmp_path / "toy.h5")
     info = inspect(path)
     on = OmegaConf.create({"evaluation": {"truth": True}})
     assert truth_for(on, info) == ToyTruth(0.5, 2)
-    with caplog.at_level(logging.INFO, logger="app.stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="app.evaluation.truth_metrics"):
         assert truth_for(OmegaConf.create({"evaluation": {"truth": False}}), info) is None
         with h5py.File(path, "a") as f:
             del f.attrs[simulator.SETTINGS_ATTR]
@@ -447,8 +447,9 @@ def _check_scalar_metrics(metrics: dict) -> None:
 
 def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(run_app, tmp_path):
     from app.domain import datafile
+    from app.domain.theta import benchmark_points
+    from app.evaluation.truth_metrics import truth_log_r_metrics
     from app.ml import estimators
-    from app.stages.evaluate import benchmark_points, truth_log_r_metrics
 
     proc = run_app("objective.metric=truth_log_r_mse")
     run_dir = tmp_path / "run"
@@ -494,8 +495,8 @@ def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(
 
 
 def test_default_sally_run_reaches_the_score_and_limit_bounds(run_app, tmp_path):
+    from app.evaluation.truth_metrics import truth_score_metrics
     from app.ml import estimators
-    from app.stages.evaluate import truth_score_metrics
 
     proc = run_app("training=sally", "objective.metric=truth_score_mse")
     run_dir = tmp_path / "run"

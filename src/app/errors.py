@@ -13,5 +13,4 @@ def first_line(error: BaseException) -> str:
 
 def error_line(error: BaseException) -> str:
     """``Type: first line`` (the type alone for an empty message): how a failed job or call is reported."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__

@@ -7,14 +7,23 @@ only chooses which to run, times them, reports progress and picks the objective 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from app.domain import datafile
+from app.domain import metrics as metric_table
+from app.domain.validate import check_config, check_options
 from app.errors import UserError
+from app.stages import evaluate, plot, sample, train
+from app.store import cache, provenance
+from app.store.files import atomic_dir, read_json, update_json
 
 log = logging.getLogger("app")
 
@@ -23,18 +32,10 @@ GROUPS = ("experiment", "data", "sampling", "training", "evaluation", "tracking"
 
 
 def run(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     _quiet_libraries(cfg.verbose)
     hydra_cfg = HydraConfig.get()
     _share_cores(hydra_cfg)
-    cfg = _plain(cfg)
-    if cfg.cache["clear"]:  # (item access: DictConfig.clear is a method)
-        from app.store import cache
-
-        freed = cache.StageCache(cfg.paths.cache_dir).clear()
-        log.info("emptied the cache %s (%.1f MB freed)", cfg.paths.cache_dir, freed / 1e6)
-        return None
+    cfg = resolved(cfg)
     out_dir = Path(cfg.paths.output_dir)
     stage = cfg.stage
     stages = STAGES if stage == "all" else (stage,)
@@ -43,14 +44,10 @@ def run(cfg: DictConfig) -> float | None:
     log.info("madminer-sweeper | %s", " ".join(shown))
     log.info("stages: %s | output dir: %s", " -> ".join(stages), out_dir)
 
-    from app.domain import datafile
-    from app.domain.validate import check_config
-
+    check_options(cfg)  # every option, before the toy file is made or read (the file's own checks follow)
     with _timed("data"):
         info = datafile.resolve(cfg.data, cfg.paths.cache_dir)
         method = check_config(cfg, info)
-    from app.domain import metrics as metric_table
-
     objective = metric_table.objective(cfg.objective.metric, cfg.objective.direction, method.name)
     _check_search_objective(hydra_cfg, objective[0])
     log.info(
@@ -61,13 +58,9 @@ def run(cfg: DictConfig) -> float | None:
         ", ".join(info.observables),
     )
 
-    from app.stages import evaluate, plot, sample, train
-    from app.store import cache as cache_mod
-    from app.store.files import read_json, update_json
-
     # What the tracking callback reads about this job (stages themselves know nothing about MLflow).
     run_file = out_dir / "run.json"
-    digest = cache_mod.file_digest(info.path, cfg.paths.cache_dir)
+    digest = cache.file_digest(info.path, cfg.paths.cache_dir)
     update_json(run_file, {"data_path": str(info.path.resolve()), "data_sha256": digest,
                            "method": method.name, "stages": list(stages), "parameters": list(info.parameters),
                            "objective": {"metric": objective[0], "direction": objective[1]}})
@@ -126,7 +119,7 @@ def run(cfg: DictConfig) -> float | None:
     update_json(run_file, {"cache": ctx.record,
                            "reused": {"samples": ctx.reused("sample"), "model": ctx.reused("train")}})
     value = _objective(objective[0], metrics)
-    _summary(cfg, out_dir, metrics, objective, value)
+    _summary(out_dir, metrics, objective, value)
     return value
 
 
@@ -134,8 +127,6 @@ class _Stages:
     """Runs a stage through the stage cache (or takes the folder the user gave), and records what happened."""
 
     def __init__(self, cfg: DictConfig, method, info, out_dir: Path, digest: str, producer: dict) -> None:
-        from app.store import cache, provenance
-
         self.cfg, self.method, self.info, self.out_dir, self.digest = cfg, method, info, out_dir, digest
         self.producer = producer
         self.configs = provenance.stage_configs(cfg)
@@ -163,8 +154,6 @@ class _Stages:
         and settings: the ``baseline`` entries of the stage cache (computed directly when the cache is off)."""
         import numpy as np
 
-        from app.store import cache
-
         if not self.cache.enabled:
             return compute()
 
@@ -185,9 +174,6 @@ class _Stages:
         """The plot stage: ``draw(folder)`` writes ``folder/plots``. Its figures follow from the evaluate stage's
         results and the model's training history only, so with a cached evaluation they are cached too, under
         a key that chains to it (a warm sweep copies them instead of drawing them again)."""
-        from app.store import cache
-        from app.store.files import atomic_dir
-
         upstream = self.keys.get("evaluate")
         if not self.cache.enabled or self.record.get("evaluate", {}).get("status") not in ("reused", "computed"):
             draw(self.out_dir)  # no cache, or results the user gave (not content-addressed)
@@ -202,14 +188,10 @@ class _Stages:
         self.record["plot"] = {"key": key, "status": "reused" if reused else "computed"}
 
     def is_given(self, stage: str) -> bool:
-        from app.store import provenance
-
         return bool(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
 
     def given(self, stage: str) -> Path:
         """A folder the user named (sampling.samples_dir, ...), after its provenance check."""
-        from app.store import provenance
-
         folder = Path(OmegaConf.select(self.cfg, provenance.GIVEN_KEYS[stage]))
         found = provenance.check_given(stage, folder, self.configs, self.digest, self.method)
         self.keys[stage] = found.get("key") or f"given:{folder}"
@@ -219,9 +201,6 @@ class _Stages:
 
     def produce(self, stage: str, build) -> Path:
         """The stage's folder in the run dir: given, reused from the cache, or computed (and cached)."""
-        from app.store import cache, provenance
-        from app.store.files import atomic_dir
-
         name = provenance.FOLDERS[stage]
         meta = self._meta(stage)
         key = cache.stage_key(stage, data_digest=self.digest, config=self.configs[stage], upstream=meta["upstream"])
@@ -248,9 +227,6 @@ class _Stages:
 def _copy_files(source: Path, target: Path) -> None:
     """Copy a folder's files one by one (shutil.copytree folds a full disk into one shutil.Error without errno;
     here the OSError with its errno and file name reaches the one-line report of app.main)."""
-    import os
-    import shutil
-
     for folder, _, files in os.walk(source):
         out = target / Path(folder).relative_to(source)
         out.mkdir(parents=True, exist_ok=True)
@@ -274,8 +250,6 @@ def _objective(name: str, metrics: dict) -> float | None:
 
 def _check_search_objective(hydra_cfg, metric: str) -> None:
     """An Optuna search must not rank trials with a number that a tuned parameter itself shifts."""
-    from app.domain import metrics as metric_table
-
     params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
     found = metric_table.spec(metric)
     if found is not None and found.scope == "setting" and "training.alpha" in params:
@@ -286,7 +260,7 @@ def _check_search_objective(hydra_cfg, metric: str) -> None:
         )
 
 
-def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str, str], value: float | None) -> None:
+def _summary(out_dir: Path, metrics: dict, objective: tuple[str, str], value: float | None) -> None:
     log.info("outputs: %s/{samples,model,results,plots}", out_dir)
     keys = ["train_loss", "val_loss"] + sorted(k for k in metrics if k.startswith("val_") and k != "val_loss")
     keys += ["truth_log_r_mse", "truth_score_mse", "truth_log_likelihood_gap", "limits_cl68_area", "truth_limits_iou"]
@@ -295,22 +269,9 @@ def _summary(cfg: DictConfig, out_dir: Path, metrics: dict, objective: tuple[str
         log.info("metrics: %s", " ".join(shown))
     if value is not None:
         log.info("objective %s = %.6g (%s)", objective[0], value, objective[1])
-    if cfg.tracking.mode != "disabled" and cfg.tracking.uri:
-        view = "#/experiments?workflowType=machine_learning"  # MLflow 3's 'Model training' view
-        if str(cfg.tracking.uri).startswith(("http://", "https://")):
-            log.info("compare runs: open %s/%s", tracking_redacted(cfg.tracking.uri), view)
-        else:
-            log.info("compare runs: mlflow ui --backend-store-uri %s --host 127.0.0.1, then open "
-                     "http://127.0.0.1:5000/%s", cfg.tracking.uri, view)
 
 
-def tracking_redacted(uri: str) -> str:
-    from app.tracking.backend import redact_text
-
-    return redact_text(uri).rstrip("/")
-
-
-def _plain(cfg: DictConfig) -> DictConfig:
+def resolved(cfg: DictConfig) -> DictConfig:
     """The validated config, resolved once, with enum values as plain strings (still read-only to new keys)."""
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     OmegaConf.set_struct(plain, True)
@@ -322,8 +283,6 @@ def _share_cores(hydra_cfg) -> None:
 
     Otherwise every job's torch and BLAS use all cores and the jobs slow each other down.
     """
-    import os
-
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
     if "joblib" not in target:
         return

@@ -185,7 +185,7 @@ CASES = [
     Case("weights-inf", [], ["NaN or inf in samples/weights"], _file_case(_edit_copy(_weights(np.inf)))),
     Case("observations-nan", [], ["NaN or inf in samples/observations"],
          _file_case(_edit_copy(_weights(np.nan, "samples/observations")))),
-    # ---- options: composition (Hydra), values (validate.check_config), non-finite numbers
+    # ---- options: composition (Hydra: types, keys, choices), ranges and values (app.domain.validate, before any work)
     Case("unknown-preset", ["training=magic"], ["Could not find 'training/magic'", "alices"],
          hydra_message=True, tracking=True, run_in_job=False),
     Case("unknown-key", ["training.nope=1"], ["Key 'nope' not in 'TrainingConfig'", "+training.nope"],
@@ -208,9 +208,10 @@ CASES = [
     Case("unknown-hist-observable", ["evaluation.hist_vars=[nope]"], ["observable 'nope'", "pt_j1"]),
     Case("unknown-fisher-observable", ["evaluation.fisher.observable=nope"], ["observable 'nope'"]),
     Case("theta-true-wrong-length", ["evaluation.theta_true=[0,0,0]"], ["theta_true", "one value per parameter"]),
-    Case("zero-samples", ["sampling.n_samples=0"], ["sampling.n_samples must be positive"]),
-    Case("zero-epochs", ["training.n_epochs=0"], ["training.n_epochs must be positive"]),
-    Case("negative-luminosity", ["evaluation.luminosity=-1"], ["evaluation.luminosity must be positive"]),
+    Case("zero-samples", ["sampling.n_samples=0"], ["sampling.n_samples=0 is out of range", "an integer >= 1"]),
+    Case("zero-epochs", ["training.n_epochs=0"], ["training.n_epochs=0 is out of range", "an integer >= 1"]),
+    Case("negative-luminosity", ["evaluation.luminosity=-1"],
+         ["evaluation.luminosity=-1.0 is out of range", "a number > 0"], tracking=True),
     Case("quadratic-on-2-parameters", ["training.estimator=quadratic_morphing_aware"],
          ["exactly 1 parameter", "data.n_parameters=1"]),
     Case("estimator-for-other-method", ["training=sally", "training.estimator=parameterized"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import UserError
+from app.errors import UserError, first_line
 
 REQUIRED_GROUPS = ("parameters", "benchmarks", "observables", "samples")
 
@@ -81,9 +81,8 @@ def inspect(path: Path, is_toy: bool = False) -> FileInfo:
         with h5py.File(path, "r") as f:
             return _read_layout(f, path, is_toy)
     except OSError as err:  # h5py reports damage (truncation, bad B-tree, checksum) as OSError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"data file {path} is damaged or incomplete ({first[:200]}); {redo} (an interrupted copy?)"
+            f"data file {path} is damaged or incomplete ({first_line(err)[:200]}); {redo} (an interrupted copy?)"
         ) from None
 
 

@@ -1,8 +1,8 @@
-"""The one table: MadMiner method -> sampling kind, estimators, training inputs, own limit mode.
+"""The one table: MadMiner method -> family, sampling kind, estimators, training inputs, loss terms, own limit mode.
 
-Sampling, training, evaluation and config checks all read this table; nothing else lists methods,
-estimators or limit modes: the config schema's choices (``app.config``) and the estimator classes
-(``app.ml.estimators``) are derived from :data:`ESTIMATORS` and :data:`LIMIT_MODES` below.
+Sampling, training, evaluation, the metric table (``app.domain.metrics``) and config checks all read this
+table; nothing else lists methods, estimators or limit modes: the config schema's choices (``app.config``) and
+the estimator classes (``app.ml.estimators``) are derived from :data:`ESTIMATORS` and :data:`LIMIT_MODES` below.
 This module imports nothing heavy (``--help`` reads it).
 """
 
@@ -31,6 +31,9 @@ class Method:
     needs_r_xz: bool
     needs_t_xz: bool
     limit_mode: str  # the AsymptoticLimits mode that uses the trained model
+    # MadMiner 0.9.6's loss terms, in its order (madminer.utils.ml.utils.get_loss; tests/test_metrics.py checks
+    # them): the first is never weighted by alpha, the others (the score terms) are
+    loss_terms: tuple[str, ...]
 
     def check_estimator(self, estimator: str) -> None:
         from app.errors import UserError
@@ -42,23 +45,23 @@ class Method:
             )
 
 
-def _ratio(name: str, r_xz: bool, t_xz: bool) -> Method:
-    return Method(name, "ratio", "ratio", RATIO_ESTIMATORS, r_xz, t_xz, "ml")
+def _ratio(name: str, r_xz: bool, t_xz: bool, loss_terms: tuple[str, ...]) -> Method:
+    return Method(name, "ratio", "ratio", RATIO_ESTIMATORS, r_xz, t_xz, "ml", loss_terms)
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        _ratio("carl", r_xz=False, t_xz=False),
-        _ratio("rolr", r_xz=True, t_xz=False),
-        _ratio("alice", r_xz=True, t_xz=False),
-        _ratio("rascal", r_xz=True, t_xz=True),
-        _ratio("cascal", r_xz=False, t_xz=True),
-        _ratio("alices", r_xz=True, t_xz=True),
-        Method("sally", "score", "local", ("score",), False, True, "sally"),
-        Method("sallino", "score", "local", ("score",), False, True, "sallino"),
-        Method("nde", "density", "density", ("likelihood",), False, False, "ml"),
-        Method("scandal", "density", "density", ("likelihood",), False, True, "ml"),
+        _ratio("carl", r_xz=False, t_xz=False, loss_terms=("xe",)),
+        _ratio("rolr", r_xz=True, t_xz=False, loss_terms=("mse_r",)),
+        _ratio("alice", r_xz=True, t_xz=False, loss_terms=("improved_xe",)),
+        _ratio("rascal", r_xz=True, t_xz=True, loss_terms=("mse_r", "mse_score")),
+        _ratio("cascal", r_xz=False, t_xz=True, loss_terms=("xe", "mse_score")),
+        _ratio("alices", r_xz=True, t_xz=True, loss_terms=("improved_xe", "mse_score")),
+        Method("sally", "score", "local", ("score",), False, True, "sally", ("mse_score",)),
+        Method("sallino", "score", "local", ("score",), False, True, "sallino", ("mse_score",)),
+        Method("nde", "density", "density", ("likelihood",), False, False, "ml", ("nll",)),
+        Method("scandal", "density", "density", ("likelihood",), False, True, "ml", ("nll", "mse_score")),
     )
 }
 

@@ -20,26 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# MadMiner 0.9.6's loss terms per method (madminer.utils.ml.utils.get_loss; tests/test_metrics.py checks them).
-LOSS_TERMS: dict[str, tuple[str, ...]] = {
-    "carl": ("xe",),
-    "rolr": ("mse_r",),
-    "alice": ("improved_xe",),
-    "alices": ("improved_xe", "mse_score"),
-    "cascal": ("xe", "mse_score"),
-    "rascal": ("mse_r", "mse_score"),
-    "sally": ("mse_score",),
-    "sallino": ("mse_score",),
-    "nde": ("nll",),
-    "scandal": ("nll", "mse_score"),
-}
-FAMILY = {
-    **{m: "ratio" for m in ("carl", "rolr", "alice", "alices", "cascal", "rascal")},
-    "sally": "score",
-    "sallino": "score",
-    "nde": "density",
-    "scandal": "density",
-}
+from app.domain.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -60,7 +41,7 @@ class MetricSpec:
         return text.replace(r"\w+", "<x>").replace("(val|train)", "val|train")
 
 
-_TERMS = "|".join(sorted({t for terms in LOSS_TERMS.values() for t in terms}))
+_TERMS = "|".join(sorted({t for m in METHODS.values() for t in m.loss_terms}))
 TABLE: tuple[MetricSpec, ...] = (
     MetricSpec(rf"val_({_TERMS})", "minimize", "term",
                "one loss term (unweighted, alpha-independent) of the saved model on the validation samples"),
@@ -105,7 +86,7 @@ def spec(name: str) -> MetricSpec | None:
 
 def default_objective(method: str) -> str:
     """The method's alpha-independent validation term: the first term of its loss."""
-    return f"val_{LOSS_TERMS[method][0]}"
+    return f"val_{METHODS[method].loss_terms[0]}"
 
 
 def objective(metric: str | None, direction: str | None, method: str) -> tuple[str, str]:
@@ -114,11 +95,12 @@ def objective(metric: str | None, direction: str | None, method: str) -> tuple[s
 
     metric = metric or default_objective(method)
     found = spec(metric)
+    terms = METHODS[method].loss_terms
     if found is None or not found.direction:
-        terms = ", ".join(f"val_{t}" for t in LOSS_TERMS[method])
+        listed = ", ".join(f"val_{t}" for t in terms)
         usable = ", ".join(s.label for s in TABLE if s.direction)
         raise UserError(
-            f"objective.metric={metric} is not a metric this app can optimise; use {terms} (training={method}'s "
+            f"objective.metric={metric} is not a metric this app can optimise; use {listed} (training={method}'s "
             f"loss terms) or one of: {usable}"
         )
     if direction and direction != found.direction:
@@ -127,10 +109,10 @@ def objective(metric: str | None, direction: str | None, method: str) -> tuple[s
             f"{'low' if found.direction == 'minimize' else 'high'}; set objective.direction={found.direction}"
         )
     term = re.fullmatch(r"(?:val|train)_(\w+)", metric)
-    if found.scope == "term" and term and term.group(1) not in LOSS_TERMS[method]:
+    if found.scope == "term" and term and term.group(1) not in terms:
         raise UserError(
             f"objective.metric={metric}: training={method} has no loss term {term.group(1)} "
-            f"(its terms: {', '.join(LOSS_TERMS[method])}); use {default_objective(method)}"
+            f"(its terms: {', '.join(terms)}); use {default_objective(method)}"
         )
     return metric, found.direction
 
@@ -155,12 +137,12 @@ def comparable(metric: str, children: list[Child]) -> tuple[bool, str]:
     if found.scope == "all":
         return True, f"{metric} measures the same thing for every method"
     if found.scope == "family":
-        families = sorted({FAMILY[m] for m in methods})
+        families = sorted({METHODS[m].family for m in methods})
         if len(families) > 1:
             return False, f"{metric} is only comparable within one method family (here: {', '.join(families)})"
         return True, f"{metric} is comparable within the {families[0]} family"
     if found.scope == "term":
-        families = sorted({FAMILY[m] for m in methods})
+        families = sorted({METHODS[m].family for m in methods})
         if len(families) > 1:
             return False, (f"{metric} is a loss term, a different function in each family "
                            f"({', '.join(families)}); rank methods with limits_cl68_area or truth_* metrics")

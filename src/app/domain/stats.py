@@ -1,4 +1,5 @@
-"""Confidence levels shared by evaluation, plots, truth and the sweep comparison."""
+"""Confidence levels shared by evaluation, plots, truth and the sweep comparison; regions, correlations and the
+ensemble spread of a metric."""
 
 CL68 = 0.6826894921370859  # one Gaussian sigma
 CL95 = 0.9544997361036416  # two Gaussian sigma
@@ -33,3 +34,25 @@ def region_size(grid, p_values, threshold: float = CL68_P_VALUE, upsample: int =
     inside = interpolate(mesh) > threshold
     volume = float(np.prod([a[-1] - a[0] for a in axes]))
     return float(np.mean(inside)) * volume
+
+
+def correlation(a, b) -> float:
+    """Pearson correlation of two samples; 0 when either is constant."""
+    import numpy as np
+
+    if np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def with_spread(compute, predictions: list) -> dict:
+    """``compute(mean prediction)``; for an ensemble (several member predictions) also every metric's
+    spread over the members, ``<metric>_ensemble_std`` (std of the metric computed per member)."""
+    import numpy as np
+
+    metrics = compute(np.mean(predictions, axis=0))
+    if len(predictions) > 1:
+        per_member = [compute(p) for p in predictions]
+        for key in list(metrics):
+            metrics[f"{key}_ensemble_std"] = float(np.std([m[key] for m in per_member]))
+    return metrics

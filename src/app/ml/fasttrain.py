@@ -6,7 +6,8 @@ does the same training with the batches sliced from tensors already on the devic
 permutation per epoch) and everything else taken from MadMiner unchanged: the estimator's input,
 parameter and score transforms, ``_package_training_data``, ``_create_model``, the loss functions
 and weights (``get_loss``), the optimizer (``get_optimizer``), the learning-rate schedule and the
-per-epoch report (``Trainer.report_epoch``, looked up at call time so that hooks see every epoch).
+per-epoch report (``Trainer.report_epoch``, looked up at call time so that
+:func:`app.ml.madminer_patches.epoch_reports` sees every epoch).
 It saves nothing: the caller calls ``estimator.save()`` as after MadMiner's own ``train()``, so
 ``load_estimator``, ``AsymptoticLimits`` and ``Ensemble`` work as before.
 
@@ -29,21 +30,18 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
+
+from app.ml import device as app_device
+from app.ml import estimator_kinds
 
 log = logging.getLogger(__name__)
 
 SMALL_BATCH = 4096  # CPU batches up to this size train on one torch thread (see _threads_for)
 VALIDATION_CHUNK = 1 << 15  # samples per forward pass when computing the validation loss
 _VERBOSE_EVERY = {"many": 50, "some": 20, "few": 5}  # MadMiner's: log after every 1/N of the epochs
-# The last fast fit's training loop, for bench/trainer.py: samples per epoch and the seconds of each epoch's batches
-# (data already on the device; validation, preparation and copies excluded).
-LAST_LOOP: dict = {}
 
 
 def fit(model, trainer: str = "fast", device: str = "auto", **kwargs):
@@ -65,107 +63,6 @@ def fit(model, trainer: str = "fast", device: str = "auto", **kwargs):
         train(member, device=device, **{k: v[i] if isinstance(v, list) else v for k, v in kwargs.items()})
         for i, member in enumerate(model.estimators)
     ]
-
-
-# --------------------------------------------------------------------------- what differs per estimator
-@dataclass(frozen=True)
-class _Kind:
-    """How one MadMiner estimator class turns ``train()`` arguments into training data and losses."""
-
-    inputs: tuple[str, ...]  # train() arguments holding arrays, in _package_training_data order
-    thetas: tuple[str, ...]  # rescaled with the parameter transform
-    scores: tuple[str, ...]  # rescaled with the score transform
-    loss_suffix: str  # get_loss(method + suffix)
-    package: Callable  # (estimator, method, arrays) -> OrderedDict as _package_training_data returns
-    check: Callable  # (estimator, method, arrays) -> None, the estimator's _check_required_data
-    forward: Callable  # (model, batch, loss_functions, create_graph) -> list of loss tensors
-
-
-def _ratio_forward(model, batch, loss_functions, create_graph):
-    score = "t_xz" in batch
-    theta = batch["theta"].detach().requires_grad_(score)
-    s_hat, log_r_hat, t_hat = model(
-        theta, batch["x"], track_score=score, return_grad_x=False, create_gradient_graph=create_graph
-    )
-    args = (s_hat, log_r_hat, t_hat, None, batch["y"], batch.get("r_xz"), batch.get("t_xz"), None)
-    return [f(*args) for f in loss_functions]
-
-
-def _double_forward(model, batch, loss_functions, create_graph):
-    score = "t_xz0" in batch or "t_xz1" in batch
-    theta0 = batch["theta0"].detach().requires_grad_(score)
-    theta1 = batch["theta1"].detach().requires_grad_(score)
-    # always with the gradient graph: the model takes two gradients of the same output, the second needs it
-    s_hat, log_r_hat, t_hat0, t_hat1 = model(
-        theta0, theta1, batch["x"], track_score=score, return_grad_x=False, create_gradient_graph=True
-    )
-    args = (s_hat, log_r_hat, t_hat0, t_hat1, batch["y"], batch.get("r_xz"), batch.get("t_xz0"), batch.get("t_xz1"))
-    return [f(*args) for f in loss_functions]
-
-
-def _score_forward(model, batch, loss_functions, create_graph):
-    t_hat = model(batch["x"])
-    return [f(t_hat, batch["t_xz"]) for f in loss_functions]
-
-
-def _flow_forward(model, batch, loss_functions, create_graph):
-    if "t_xz" in batch:
-        theta = batch["theta"].detach().requires_grad_(True)
-        _, log_likelihood, t_hat = model.log_likelihood_and_score(theta, batch["x"])
-    else:
-        _, log_likelihood = model.log_likelihood(batch["theta"], batch["x"])
-        t_hat = None
-    return [f(log_likelihood, t_hat, batch.get("t_xz")) for f in loss_functions]
-
-
-def _kinds() -> dict[type, _Kind]:
-    from madminer import ml
-
-    a = lambda arrays, *names: [arrays.get(n) for n in names]  # noqa: E731
-    ratio = _Kind(
-        inputs=("x", "theta", "y", "r_xz", "t_xz"),
-        thetas=("theta",),
-        scores=("t_xz",),
-        loss_suffix="",
-        package=lambda e, m, d: e._package_training_data(m, *a(d, "x", "theta", "y", "r_xz", "t_xz")),
-        check=lambda e, m, d: e._check_required_data(m, *a(d, "r_xz", "t_xz")),
-        forward=_ratio_forward,
-    )
-    double = _Kind(
-        inputs=("x", "theta0", "theta1", "y", "r_xz", "t_xz0", "t_xz1"),
-        thetas=("theta0", "theta1"),
-        scores=("t_xz0", "t_xz1"),
-        loss_suffix="2",
-        package=lambda e, m, d: e._package_training_data(m, *a(d, *double.inputs)),
-        check=lambda e, m, d: e._check_required_data(m, *a(d, "r_xz", "t_xz0", "t_xz1")),
-        forward=_double_forward,
-    )
-    score = _Kind(
-        inputs=("x", "t_xz"),
-        thetas=(),
-        scores=(),
-        loss_suffix="",
-        package=lambda e, m, d: e._package_training_data(*a(d, "x", "t_xz")),
-        check=lambda e, m, d: None,
-        forward=_score_forward,
-    )
-    likelihood = _Kind(
-        inputs=("x", "theta", "t_xz"),
-        thetas=("theta",),
-        scores=("t_xz",),
-        loss_suffix="",
-        package=lambda e, m, d: e._package_training_data(m, *a(d, "x", "theta", "t_xz")),
-        check=lambda e, m, d: e._check_required_data(m, d.get("t_xz")),
-        forward=_flow_forward,
-    )
-    return {
-        ml.ParameterizedRatioEstimator: ratio,
-        ml.MorphingAwareRatioEstimator: ratio,
-        ml.QuadraticMorphingAwareRatioEstimator: ratio,
-        ml.DoubleParameterizedRatioEstimator: double,
-        ml.ScoreEstimator: score,
-        ml.LikelihoodEstimator: likelihood,
-    }
 
 
 # --------------------------------------------------------------------------- train()
@@ -204,7 +101,7 @@ def train(
     """
     from madminer import ml
 
-    kind = _kinds().get(type(estimator))
+    kind = estimator_kinds.kinds().get(type(estimator))
     if kind is None or memmap:
         reason = "memmap=True" if memmap else f"{type(estimator).__name__} is not supported"
         log.info("fast trainer: %s; training with MadMiner's trainer", reason)
@@ -235,7 +132,9 @@ def train(
         method + kind.loss_suffix, None if isinstance(estimator, ml.ScoreEstimator) else alpha
     )
     opt, opt_kwargs = get_optimizer(optimizer, nesterov_momentum)
-    device = _device(device)
+    import torch
+
+    device = torch.device(app_device.resolve(device))
     with _threads_for(device, batch_size):
         return _fit(
             estimator.model,
@@ -279,19 +178,6 @@ def _threads_for(device, batch_size: int):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _device(device):
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    device = getattr(device, "value", device)  # the config's Device enum
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def _prepare(estimator, kind, method, arrays, scale_inputs, scale_parameters, shuffle_labels, limit_samplesize):
@@ -414,11 +300,8 @@ def _fit(
     best_loss, best_state, best_epoch = None, None, None
     losses_train, losses_val = [], []
     loss_val = None
-    LAST_LOOP.clear()
-    LAST_LOOP.update(samples=n, epoch_seconds=[])
     for i_epoch in range(epochs):
         Trainer.set_lr(opt, Trainer.calculate_lr(i_epoch, epochs, initial_lr, final_lr))
-        epoch_start = time.perf_counter()
         before = _copy_state(model)
         model.train()
         order = torch.randperm(n, device=device)
@@ -448,7 +331,6 @@ def _fit(
             loss_val = None
             break
         means = (torch.stack(totals).sum(0) / n_batches).tolist()  # the one sync of the epoch
-        LAST_LOOP["epoch_seconds"].append(time.perf_counter() - epoch_start)
         loss_val, contributions_val = None, None
         if val is not None and not math.isnan(means[0]):
             try:
@@ -473,7 +355,7 @@ def _fit(
             if stop or not np.isfinite(loss_val):
                 log.info("Early stopping: ending training after %s epochs", i_epoch + 1)
                 break
-        # looked up now, on the class: the train stage hooks this staticmethod to record every epoch
+        # looked up now, on the class: madminer_patches.epoch_reports hooks this staticmethod
         mm_trainer.Trainer.report_epoch(
             i_epoch,
             loss_labels,

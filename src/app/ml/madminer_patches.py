@@ -1,67 +1,93 @@
-"""Compatibility shim: madminer 0.9.6 on NumPy >= 1.24.
+"""Every change this project makes to MadMiner 0.9.6 (pinned), each scoped and each tested against MadMiner's own
+result (tests/test_madminer_patches.py, tests/test_limits_batched.py).
 
-madminer calls ``np.histogramdd(..., normed=False)``; NumPy 1.24 removed ``normed`` (its
-replacement is ``density``), so histogram and SALLY limits raise ``TypeError``. Instead of
-patching NumPy for everybody, the two madminer modules that make the call get a NumPy proxy whose
-``histogramdd`` translates the keyword. Call :func:`apply` before any madminer histogram code.
+========================  =====================================================================================
+:func:`python312_shim`     uproot3 (a MadMiner import) on Python 3.12: ``FileFinder.find_module``, ``distutils``
+:func:`apply_numpy_shim`   ``np.histogramdd(normed=...)`` on NumPy >= 1.24, for MadMiner's two histogram modules
+:func:`reused_bin_search`  histograms of the same events with new weights reuse the events' bin indices
+:func:`events_in_memory`   the event file read once per file, not once per sampled theta
+:func:`batched_limits`     AsymptoticLimits with a batched ``ml`` mode (and double-parameterized estimators) and a
+                           binning without its (grid points x events) weight matrix
+:func:`weights_only_loads` ``torch.load(weights_only=True)`` for model files on every torch version
+:func:`estimators_loaded_by`  AsymptoticLimits / FisherInformation load the model with this project's loader
+:func:`trainer_device`     MadMiner's Trainer uses the chosen device, not CUDA whenever torch sees one
+:func:`epoch_reports`      every epoch's losses, term by term, reach a callback
+========================  =====================================================================================
+
+Nothing is patched at import except :func:`python312_shim` (on Python 3.12+ only, called by ``app/__init__.py``);
+the rest are context managers that restore what they replaced, or module-local proxies (the NumPy shim).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
+import sys
 import types
 
 import numpy
 
+from app.ml.batched import log_input_scaling, model_log_likelihood_grid, model_log_r_grid
+
+
+# --------------------------------------------------------------------------- Python 3.12
+def python312_shim() -> None:
+    """Let madminer 0.9.6 import on Python 3.12+ (the GPU machines' images have 3.12; the package targets 3.11).
+
+    madminer imports uproot3, whose helpers use two things Python 3.12 removed: ``FileFinder.find_module``
+    (uproot3_methods walks its classes with it) and ``distutils.version.LooseVersion`` (awkward0 compares NumPy's
+    version once). Both get a minimal stand-in only where they are missing; nothing else changes."""
+    import importlib.machinery
+
+    if not hasattr(importlib.machinery.FileFinder, "find_module"):
+
+        def find_module(self, fullname, path=None):
+            spec = self.find_spec(fullname)
+            return spec.loader if spec is not None else None
+
+        importlib.machinery.FileFinder.find_module = find_module
+    try:
+        import distutils.version  # noqa: F401  (setuptools' own stand-in, where installed)
+    except ImportError:
+        from packaging.version import Version
+
+        class LooseVersion:
+            def __init__(self, version):
+                self.version = Version(str(version).split("+")[0])
+
+            def __lt__(self, other):
+                return self.version < other.version
+
+            def __ge__(self, other):
+                return self.version >= other.version
+
+        version = types.ModuleType("distutils.version")
+        version.LooseVersion = LooseVersion
+        package = types.ModuleType("distutils")
+        package.version = version
+        package.__path__ = []
+        sys.modules.update({"distutils": package, "distutils.version": version})
+
+
+# --------------------------------------------------------------------------- histograms
 PATCHED_MODULES = ("madminer.utils.histo", "madminer.likelihood.histo")
+_bin_indices: dict | None = None  # inside reused_bin_search(): the last sample's bin indices, else None
 
 
 def histogramdd(sample, bins=10, range=None, normed=None, weights=None, density=None):  # noqa: A002
+    """``numpy.histogramdd`` that also takes MadMiner's ``normed``; inside :func:`reused_bin_search` it reuses the
+    bin indices of the last sample it saw."""
     if normed is not None and density is None:
         density = normed
-    index = _bin_index(sample, bins) if REUSE_BIN_SEARCH and not density else None
+    index = _bin_index(sample, bins) if _bin_indices is not None and not density else None
     if index is None:
         return numpy.histogramdd(sample, bins=bins, range=range, weights=weights, density=density)
     xy, nbin, edges = index
     hist = numpy.bincount(xy, weights, minlength=int(nbin.prod())).reshape(nbin).astype(float, casting="safe")
     return hist[len(nbin) * (slice(1, -1),)], [e.copy() for e in edges]
-
-
-REUSE_BIN_SEARCH = True  # False: NumPy's histogramdd every time (bench/seed_scenario.py's MadMiner-as-is baseline)
-_LAST: dict = {}  # the last sample's bin indices: MadMiner fills one histogram per grid point from the same events
-
-
-def _bin_index(sample, bins):
-    """``numpy.histogramdd``'s flat bin index of every event, for explicit bin edges, computed once per events and
-    edges and reused for every further call with them (MadMiner's limits fill 2 histograms for each of the 625 grid
-    points from the same events, with only the weights changing: the bin search was 80 % of a histo limit at 10^6
-    events). Returns None where it does not apply (numpy then does everything, and the index is computed for next
-    time). The same steps as NumPy's, so the histograms are identical."""
-    if not isinstance(sample, numpy.ndarray) or sample.ndim != 2 or isinstance(bins, int):
-        return None
-    if len(bins) != sample.shape[1]:
-        return None
-    edges = [numpy.asarray(b) for b in bins]
-    if any(e.ndim != 1 for e in edges):
-        return None
-    key = (sample.__array_interface__["data"][0], sample.shape, sample.strides, sample.dtype.str)
-    last = _LAST.get("key")
-    if last is not None and last[:4] == key and all(numpy.array_equal(a, b) for a, b in zip(last[5], edges)):
-        return _LAST["value"]
-    if any(numpy.any(e[:-1] > e[1:]) for e in edges):
-        return None  # numpy raises its own error
-    counts = []
-    for i, e in enumerate(edges):
-        c = numpy.searchsorted(e, sample[:, i], side="right")
-        c[sample[:, i] == e[-1]] -= 1  # the right edge belongs to the last bin
-        counts.append(c)
-    nbin = numpy.asarray([len(e) + 1 for e in edges])
-    _LAST["key"] = (*key, sample, edges)  # holds the sample: its buffer cannot be reused while cached
-    _LAST["value"] = (numpy.ravel_multi_index(counts, nbin), nbin, edges)
-    return _LAST["value"]
 
 
 class _NumpyProxy(types.ModuleType):
@@ -73,13 +99,16 @@ class _NumpyProxy(types.ModuleType):
         return getattr(numpy, name)
 
 
-def needed() -> bool:
+def numpy_shim_needed() -> bool:
     return "normed" not in inspect.signature(numpy.histogramdd).parameters
 
 
-def apply() -> list[str]:
-    """Patch the madminer modules that need it; idempotent. Returns the names of patched modules."""
-    if not needed():
+def apply_numpy_shim() -> list[str]:
+    """MadMiner calls ``np.histogramdd(..., normed=False)``; NumPy 1.24 removed ``normed`` (its replacement is
+    ``density``), so histogram and SALLY limits raise ``TypeError``. Instead of patching NumPy for everybody, the
+    two MadMiner modules that make the call get a NumPy proxy whose ``histogramdd`` translates the keyword.
+    Idempotent; returns the names of the patched modules."""
+    if not numpy_shim_needed():
         return []
     patched = []
     for name in PATCHED_MODULES:
@@ -88,6 +117,49 @@ def apply() -> list[str]:
             module.np = _NumpyProxy("numpy")
         patched.append(name)
     return patched
+
+
+@contextlib.contextmanager
+def reused_bin_search():
+    """MadMiner's limits fill 2 histograms for each of the 625 grid points from the same events, with only the
+    weights changing, and NumPy searches every event's bin each time (80 % of a histo limit at 10^6 events).
+    Inside this block (with :func:`apply_numpy_shim` applied) the flat bin index of every event is computed once
+    per events and explicit edges and reused; the same steps as NumPy's, so the histograms are identical. The
+    indices (and the events they belong to) are released when the block ends. Nests."""
+    global _bin_indices
+    previous = _bin_indices
+    _bin_indices = {} if previous is None else previous
+    try:
+        yield
+    finally:
+        _bin_indices = previous
+
+
+def _bin_index(sample, bins):
+    """``numpy.histogramdd``'s flat bin index of every event, for explicit bin edges, from the last call with the
+    same sample and edges or computed now. None where it does not apply (numpy then does everything)."""
+    if not isinstance(sample, numpy.ndarray) or sample.ndim != 2 or isinstance(bins, int):
+        return None
+    if len(bins) != sample.shape[1]:
+        return None
+    edges = [numpy.asarray(b) for b in bins]
+    if any(e.ndim != 1 for e in edges):
+        return None
+    key = (sample.__array_interface__["data"][0], sample.shape, sample.strides, sample.dtype.str)
+    last = _bin_indices.get("key")
+    if last is not None and last[:4] == key and all(numpy.array_equal(a, b) for a, b in zip(last[5], edges)):
+        return _bin_indices["value"]
+    if any(numpy.any(e[:-1] > e[1:]) for e in edges):
+        return None  # numpy raises its own error
+    counts = []
+    for i, e in enumerate(edges):
+        c = numpy.searchsorted(e, sample[:, i], side="right")
+        c[sample[:, i] == e[-1]] -= 1  # the right edge belongs to the last bin
+        counts.append(c)
+    nbin = numpy.asarray([len(e) + 1 for e in edges])
+    _bin_indices["key"] = (*key, sample, edges)  # holds the sample: its buffer cannot be reused while cached
+    _bin_indices["value"] = (numpy.ravel_multi_index(counts, nbin), nbin, edges)
+    return _bin_indices["value"]
 
 
 # --------------------------------------------------------------------------- events read once per file
@@ -120,3 +192,147 @@ def events_in_memory():
         yield
     finally:
         hdf5._load_samples = original
+
+
+# --------------------------------------------------------------------------- limits
+@functools.cache
+def batched_limits():
+    """AsymptoticLimits (constructor: ``filename, include_nuisance_parameters=False, device="cpu"``) whose ``ml``
+    mode evaluates the estimator in large batches on ``device``.
+
+    MadMiner's ``_calculate_log_likelihood_ratio_kinematics`` calls the estimator once per grid point and does
+    not evaluate double-parameterized ratio estimators. This one evaluates every (grid point, event) pair through
+    the trained torch model (:mod:`app.ml.batched`) and returns what MadMiner's returns: log r(x | theta,
+    reference) for ratio estimators, MadMiner's log p(x | theta) (of the scaled inputs) for likelihood
+    estimators, the mean over the members of an Ensemble. Its adaptive binning (histograms of sallino and
+    adaptive-sally) gives MadMiner's edges without MadMiner's (grid points x events) weight matrix.
+    """
+    from madminer.limits import AsymptoticLimits
+    from madminer.ml import DoubleParameterizedRatioEstimator as Double
+    from madminer.ml import Ensemble, LikelihoodEstimator, ParameterizedRatioEstimator
+
+    def kind(model):
+        members = model.estimators if isinstance(model, Ensemble) else [model]
+        if all(isinstance(m, (ParameterizedRatioEstimator, Double)) for m in members):
+            return "ratio"
+        if all(isinstance(m, LikelihoodEstimator) for m in members):
+            return "likelihood"
+        return None
+
+    class BatchedLimits(AsymptoticLimits):
+        def __init__(self, filename=None, include_nuisance_parameters=False, device: str = "cpu"):
+            super().__init__(filename, include_nuisance_parameters=include_nuisance_parameters)
+            self.device = device
+
+        def _fixed_adaptive_binning(self, n_toys, processor, summary_function, test_split, thetas_binning, x_bins):
+            """MadMiner's binning, from the weights averaged over the grid, without its (grid points x events)
+            weight matrix (5 GB for 625 points and 10^6 events). The weights are linear in the morphing matrix,
+            so their mean over the grid is the mean matrix times the benchmark weights: the same edges."""
+            from madminer.utils.histo import Histo
+            from madminer.utils.various import mdot
+
+            if self.include_nuisance_parameters:
+                return super()._fixed_adaptive_binning(n_toys, processor, summary_function, test_split,
+                                                       thetas_binning, x_bins)  # fmt: skip
+            start, end, _ = self._calculate_partition_bounds("train", test_split)
+            x, weights_benchmarks = self.weighted_events(start_event=start, end_event=end, n_draws=n_toys)
+            summary_stats = summary_function(x)
+            matrix = numpy.mean([self._get_theta_benchmark_matrix(t) for t in thetas_binning], axis=0)
+            weights = mdot(matrix, weights_benchmarks)
+            data = summary_stats if processor is None else processor(summary_stats, thetas_binning)
+            return Histo(data, weights, x_bins, epsilon=1.0e-12).edges
+
+        def _calculate_log_likelihood_ratio_kinematics(self, x_observed, theta_grid, model, theta1=None):
+            what = kind(model)
+            if what is None:
+                return super()._calculate_log_likelihood_ratio_kinematics(x_observed, theta_grid, model, theta1)
+            theta_grid = numpy.asarray(theta_grid, dtype=numpy.float64)
+            if what == "ratio":
+                # double-parameterized: log r(x | theta, reference) for a fixed reference (MadMiner passes
+                # theta_true); differences over the grid, all that the limits use, do not depend on it.
+                reference = numpy.zeros(theta_grid.shape[1]) if theta1 is None else numpy.asarray(theta1, float)
+                return model_log_r_grid(model, x_observed, theta_grid, reference, self.device)
+            members = model.estimators if isinstance(model, Ensemble) else [model]
+            return numpy.mean(
+                [model_log_likelihood_grid(m, x_observed, theta_grid, self.device) + log_input_scaling(m)
+                 for m in members], axis=0,
+            )  # fmt: skip
+
+    return BatchedLimits
+
+
+# --------------------------------------------------------------------------- loading models
+@contextlib.contextmanager
+def weights_only_loads():
+    """MadMiner's ``load`` calls ``torch.load(path, map_location="cpu")``, which before torch 2.6 unpickles
+    anything, code included. Inside this block it is ``weights_only=True`` on every torch version, so a model
+    file can hold tensors but never code."""
+    import torch
+
+    original = torch.load
+    torch.load = functools.partial(original, weights_only=True)
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+@contextlib.contextmanager
+def estimators_loaded_by(load):
+    """MadMiner's ``load_estimator`` reads the estimator type from the saved settings, and morphing-aware
+    estimators save ``parameterized_ratio``: AsymptoticLimits and FisherInformation would evaluate them as plain
+    parameterized estimators (without their morphing). Inside this block both load through ``load(filename)``
+    (this project's :func:`app.ml.estimators.load`, which knows every class it trains)."""
+    import madminer.fisherinformation.information as information
+    import madminer.limits.asymptotic_limits as asymptotic_limits
+
+    modules = [m for m in (asymptotic_limits, information) if hasattr(m, "load_estimator")]
+    originals = [m.load_estimator for m in modules]
+    for m in modules:
+        m.load_estimator = load
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.load_estimator = original
+
+
+# --------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def trainer_device(name: str):
+    """MadMiner's ``Trainer`` moves the model to CUDA whenever torch sees a GPU (``run_on_gpu=True`` is the
+    default and ``train()`` offers no device choice). Inside this block it does so only for ``name == "cuda"``."""
+    from madminer.utils.ml.trainer import Trainer
+
+    original = Trainer.__init__
+
+    def __init__(self, model, run_on_gpu=True, *args, **kwargs):
+        original(self, model, run_on_gpu and name == "cuda", *args, **kwargs)
+
+    Trainer.__init__ = __init__
+    try:
+        yield
+    finally:
+        Trainer.__init__ = original
+
+
+@contextlib.contextmanager
+def epoch_reports(callback):
+    """MadMiner's ``train()`` returns only the total loss per epoch and takes no callback; its Trainer hands every
+    epoch's losses, term by term, to the static ``Trainer.report_epoch``, which only logs them. Inside this block
+    ``callback(i_epoch, loss_labels, loss_train, loss_val, contributions_train, contributions_val)`` gets them
+    first (MadMiner's own and the fast trainer's epochs alike); MadMiner's logging still runs."""
+    from madminer.utils.ml.trainer import Trainer
+
+    original = Trainer.__dict__["report_epoch"]  # a staticmethod in madminer 0.9.6
+
+    def report_epoch(i_epoch, loss_labels, loss_train, loss_val, *rest, **kwargs):
+        contributions = list(rest[:2]) + [None] * (2 - len(rest[:2]))
+        callback(i_epoch, loss_labels, loss_train, loss_val, *contributions)
+        return original.__func__(i_epoch, loss_labels, loss_train, loss_val, *rest, **kwargs)
+
+    Trainer.report_epoch = staticmethod(report_epoch)
+    try:
+        yield
+    finally:
+        Trainer.report_epoch = original

@@ -16,6 +16,7 @@ import numpy as np
 
 from app.domain.stats import CL68_P_VALUE, CL95_P_VALUE
 from app.store.files import atomic_dir, read_json
+from app.toy.truth import q_threshold, refine
 
 
 def run(results_dir: Path, model_dir: Path | None, out_dir: Path, parameter_names: list[str]) -> Path:
@@ -188,8 +189,6 @@ def _scatter(plt, joint, estimated, xlabel: str, ylabel: str, path: Path) -> Non
 def _limits_vs_truth(plt, grid, truth, keys, results_dir, names, path: Path) -> None:
     """Estimated (solid) vs true (dashed) 68 % CL regions of every mode, on the refined grid of the IoU metric."""
     from matplotlib.lines import Line2D
-
-    from app.toy.truth import q_threshold, refine
 
     threshold = q_threshold(dof=grid.shape[1])
     fig, ax = plt.subplots(figsize=(5.5, 5))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.domain.datafile import FileInfo
 from app.domain.methods import Method
+from app.domain.theta import double_theta1_spec, is_single_point, ratio_theta1, to_madminer_theta
 from app.errors import UserError
 from app.ml import madminer_patches
 from app.store.files import atomic_dir, read_json, write_json
@@ -29,38 +30,15 @@ class SampleResult:
     samples_dir: Path
     n_samples: int
     n_effective: float | None
-    reused: bool = False
     n_validation: int = 0
 
 
-def to_madminer_theta(spec: DictConfig):
-    """Map a theta spec onto madminer.sampling's helper of the same name."""
-    from madminer import sampling
-
-    kind = spec.type
-    if kind == "benchmark":
-        return sampling.benchmark(spec.name)
-    if kind == "benchmarks":
-        return sampling.benchmarks(list(spec.names))
-    if kind == "morphing_point":
-        return sampling.morphing_point(list(spec["values"]))
-    if kind == "morphing_points":
-        return sampling.morphing_points([list(v) for v in spec["values"]])
-    if kind == "random_morphing_points":
-        priors = [tuple(p) for p in OmegaConf.to_container(spec.priors)]
-        return sampling.random_morphing_points(spec.n, priors)
-    raise UserError(f"unknown theta type {kind}")
-
-
 def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> SampleResult:
-    """Sample training data for ``method`` (or reuse ``sampling.samples_dir``)."""
-    s = cfg.sampling
-    if s.samples_dir:
-        return load(Path(s.samples_dir), method)
-
+    """Sample training data for ``method`` into ``out_dir/samples``."""
     import numpy as np
     from madminer.sampling import SampleAugmenter
 
+    s = cfg.sampling
     np.random.seed(s.seed)
     augmenter = SampleAugmenter(str(info.path), include_nuisance_parameters=s.include_nuisance)
     common = dict(
@@ -116,7 +94,7 @@ def _draw(augmenter, cfg: DictConfig, info: FileInfo, method: Method, common: di
     """One call of the SampleAugmenter method that ``method`` trains on; returns (x, n_effective)."""
     s = cfg.sampling
     if method.sampling == "ratio" and cfg.training.estimator == "double_parameterized":
-        if _single_point(s.theta1) and common["partition"] == "train":
+        if is_single_point(s.theta1) and common["partition"] == "train":
             log.info(
                 "double_parameterized: sampling.theta1 is one point, so theta1 is drawn like theta0 (%s) "
                 "for the estimator to learn r(x | theta0, theta1) at varying theta1",
@@ -136,31 +114,8 @@ def _draw(augmenter, cfg: DictConfig, info: FileInfo, method: Method, common: di
     return result[0], result[-1]
 
 
-def _single_point(spec) -> bool:
-    return spec.type in ("benchmark", "morphing_point")
-
-
 def _describe(spec) -> str:
     return ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(spec).items() if v is not None)
-
-
-def double_theta1_spec(cfg: DictConfig, info: FileInfo):
-    """theta1 for a double-parameterized estimator when sampling.theta1 is one point: theta0's spec when
-    that has several points, else 20 points drawn flat over the file's parameter ranges."""
-    s = cfg.sampling
-    if not _single_point(s.theta0):
-        return s.theta0
-    priors = [["flat", float(lo), float(hi)] for lo, hi in info.parameter_ranges]
-    return OmegaConf.create({"type": "random_morphing_points", "n": 20, "priors": priors})
-
-
-def ratio_theta1(cfg: DictConfig, info: FileInfo):
-    """MadMiner's theta1 for ratio sampling (training and test): ``sampling.theta1``, except that a
-    double-parameterized estimator must see theta1 vary (:func:`double_theta1_spec`)."""
-    s = cfg.sampling
-    if cfg.training.estimator == "double_parameterized" and _single_point(s.theta1):
-        return to_madminer_theta(double_theta1_spec(cfg, info))
-    return to_madminer_theta(s.theta1)
 
 
 def warn_if_oversampled(cfg: DictConfig, info: FileInfo, n_samples: int, n_effective: float) -> None:
@@ -179,7 +134,7 @@ def warn_if_oversampled(cfg: DictConfig, info: FileInfo, n_samples: int, n_effec
 
 
 def load(samples_dir: Path, method: Method) -> SampleResult:
-    """Use samples of an earlier run; they must be of the kind ``method`` trains on."""
+    """The samples in ``samples_dir`` (made by :func:`run`); they must be of the kind ``method`` trains on."""
     meta_file = samples_dir / "samples.json"
     if not meta_file.is_file():
         raise UserError(
@@ -193,7 +148,7 @@ def load(samples_dir: Path, method: Method) -> SampleResult:
             f"sampling={method.sampling}; point sampling.samples_dir at matching samples"
         )
     return SampleResult(
-        samples_dir, meta["n_samples"], meta.get("n_effective"), reused=True, n_validation=meta.get("n_validation", 0)
+        samples_dir, meta["n_samples"], meta.get("n_effective"), n_validation=meta.get("n_validation", 0)
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.domain.datafile import FileInfo
 from app.domain.methods import Method
 from app.errors import UserError
-from app.ml import device, estimators, fasttrain
+from app.ml import device, estimators, fasttrain, madminer_patches
 from app.stages import sample
 from app.store.files import atomic_dir, read_json, write_json
 
@@ -32,7 +31,6 @@ class TrainResult:
     model_dir: Path
     model_file: Path  # what MadMiner's load_estimator / AsymptoticLimits(model_file=...) take
     metrics: dict = field(default_factory=dict)
-    reused: bool = False
 
 
 def training_inputs(method: Method, estimator: str, files: dict[str, Path], suffix: str = "") -> dict:
@@ -79,11 +77,8 @@ def run(
     out_dir: Path,
     on_epoch: Callable[[int, int, float, float | None], None] | None = None,
 ) -> TrainResult:
-    """Train ``method`` on ``samples_dir`` (or reuse ``training.model_dir``)."""
+    """Train ``method`` on ``samples_dir`` into ``out_dir/model``."""
     t = cfg.training
-    if t.model_dir:
-        return load(Path(t.model_dir), method)
-
     files = sample.arrays(samples_dir)
     if "x" not in files:
         raise UserError(
@@ -125,17 +120,18 @@ def run(
 
     history: list[list[dict]] = []
     with atomic_dir(out_dir / "model") as tmp:
-        with device.use(t.device), _epoch_hook(t.n_epochs, history, on_epoch):
+        record = _recorder(t.n_epochs, history, on_epoch)
+        with device.use(t.device) as name, madminer_patches.epoch_reports(record):
             if t.n_estimators > 1:
                 from madminer.ml import Ensemble
 
                 ensemble = Ensemble([estimators.build(t, info.path) for _ in range(t.n_estimators)])
-                fasttrain.fit(ensemble, t.trainer, t.device, **kwargs)
+                fasttrain.fit(ensemble, t.trainer, name, **kwargs)
                 ensemble.save(str(tmp / "ensemble"))
                 model_name = "ensemble"
             else:
                 estimator = estimators.build(t, info.path)
-                fasttrain.fit(estimator, t.trainer, t.device, **kwargs)
+                fasttrain.fit(estimator, t.trainer, name, **kwargs)
                 estimator.save(str(tmp / MODEL_NAME))
                 model_name = MODEL_NAME
         _check_finished(history, t.n_estimators, t.n_epochs)
@@ -175,7 +171,7 @@ def load(model_dir: Path, method: Method) -> TrainResult:
             f"{model_dir} holds a {meta['method']} model but training={method.name} was chosen; "
             f"use training={meta['method']} or another training.model_dir"
         )
-    return TrainResult(model_dir, model_dir / meta["model_name"], meta.get("metrics", {}), reused=True)
+    return TrainResult(model_dir, model_dir / meta["model_name"], meta.get("metrics", {}))
 
 
 def _validation(cfg: DictConfig, method: Method, estimator: str, samples_dir: Path) -> dict:
@@ -235,38 +231,28 @@ def _check_finished(history: list[list[dict]], n_estimators: int, n_epochs: int)
             )
 
 
-@contextmanager
-def _epoch_hook(n_epochs: int, history: list[list[dict]], on_epoch):
-    """Record every epoch's losses (and report progress) through MadMiner's Trainer.report_epoch.
+def _recorder(n_epochs: int, history: list[list[dict]], on_epoch):
+    """Record every epoch's losses (and report progress); for :func:`app.ml.madminer_patches.epoch_reports`.
 
     Besides the total (alpha-weighted) loss it records each loss term by MadMiner's label, unweighted:
     ``train_improved_xe``, ``val_mse_score``, ... (these do not depend on alpha).
     """
-    from madminer.utils.ml.trainer import Trainer
 
-    original = Trainer.__dict__["report_epoch"]  # a staticmethod in madminer 0.9.6
-
-    def report_epoch(i_epoch, loss_labels, loss_train, loss_val, *rest, **kwargs):
+    def record(i_epoch, loss_labels, loss_train, loss_val, contributions_train, contributions_val):
         if i_epoch == 0:
             history.append([])
         entry = {"epoch": i_epoch + 1, "train_loss": float(loss_train)}
         if loss_val is not None:
             entry["val_loss"] = float(loss_val)
-        contributions = list(rest[:2]) + [None] * (2 - len(rest[:2]))
-        for prefix, values in zip(("train", "val"), contributions):
+        for prefix, values in (("train", contributions_train), ("val", contributions_val)):
             if values is not None and (prefix == "train" or loss_val is not None):
                 for label, value in zip(loss_labels, values):
                     entry[f"{prefix}_{label}"] = float(value)
         history[-1].append(entry)
         if on_epoch is not None:
             on_epoch(i_epoch + 1, n_epochs, float(loss_train), None if loss_val is None else float(loss_val))
-        return original.__func__(i_epoch, loss_labels, loss_train, loss_val, *rest, **kwargs)
 
-    Trainer.report_epoch = staticmethod(report_epoch)
-    try:
-        yield
-    finally:
-        Trainer.report_epoch = original
+    return record
 
 
 def saved_epoch(run: list[dict], early_stopping: bool) -> dict:

@@ -11,15 +11,14 @@ Layout under the cache root (``paths.cache_dir``)::
 An entry is immutable once renamed into place and is served only while its manifest matches the files
 on disk; a damaged one is removed (with one warning) and rebuilt. A build that raises or is killed
 leaves at most a folder under ``tmp/``, which is never served and is removed by the next build of the
-same key, :meth:`StageCache.clean_stale` or :meth:`StageCache.clear`.
+same key or :meth:`StageCache.clear`.
 
-Standard library only, so ``import app.store.cache`` stays cheap. ``python -m app.store info|clear`` shows
-or empties a cache.
+Standard library only (and :mod:`app.store.files`), so ``import app.store.cache`` stays cheap.
+``python -m app.store info|clear`` shows or empties a cache.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -29,11 +28,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from app.store.files import locked, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,21 @@ def default_dir() -> Path:
 # --------------------------------------------------------------------------- keys
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys: equal inputs give equal text whatever the mapping order."""
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(json_values(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _plain(value: Any) -> Any:
+def json_values(value: Any) -> Any:
+    """``value`` as JSON types (dicts with str keys, lists, numbers, str, None); TypeError for anything else."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_values(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, bytes):  # lists, tuples, OmegaConf ListConfig
-        return [_plain(v) for v in value]
+        return [json_values(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _plain(value.tolist())
+        return json_values(value.tolist())
     raise TypeError(f"cannot hash a {type(value).__name__} into a cache key: pass plain, resolved values")
 
 
@@ -129,7 +130,7 @@ def file_digest(path, cache_root) -> str:
     root = Path(cache_root).expanduser()
     memo_file = root / "digests.json"
     name = str(path)
-    with _locked(root / "locks" / "digests.lock"):
+    with locked(root / "locks" / "digests.lock"):
         memo = _read_memo(memo_file)
         before = path.stat()
         hit = memo.get(name)
@@ -141,7 +142,7 @@ def file_digest(path, cache_root) -> str:
             return digest  # changed while it was read: do not memoise a digest of a moving target
         memo = {k: v for k, v in memo.items() if os.path.exists(k)}  # forget deleted files
         memo[name] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "sha256": digest}
-        _write_json_atomic(memo_file, memo)
+        write_json(memo_file, memo)
         return digest
 
 
@@ -176,8 +177,8 @@ def write_manifest(folder, meta: dict) -> None:
     folder = Path(folder)
     files = {rel: {"size": path.stat().st_size, "sha256": _sha256_file(path)} for rel, path in _files(folder)}
     provenance = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
-    provenance.update(_plain(dict(meta)))
-    _write_json_atomic(folder / MANIFEST, {"format": FORMAT, "files": files, "provenance": provenance})
+    provenance.update(json_values(dict(meta)))
+    write_json(folder / MANIFEST, {"format": FORMAT, "files": files, "provenance": provenance})
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -237,8 +238,8 @@ class Entry:
 class StageCache:
     """Stage outputs under ``<root>/stages/<stage>/<key>/``, verified on every hit.
 
-    With ``enabled=False`` :meth:`get` always misses and :meth:`get_or_create` raises ``RuntimeError``
-    (the caller runs the stage into its own output folder instead).
+    With ``enabled=False`` :meth:`get_or_create` raises ``RuntimeError`` (the caller runs the stage into its own
+    output folder instead).
     """
 
     def __init__(self, root, enabled: bool = True):
@@ -254,21 +255,6 @@ class StageCache:
         return self.root / "locks" / f"{stage}.{key}.lock"
 
     # ---- reading
-    def get(self, stage: str, key: str) -> Entry | None:
-        """The verified entry, or None. A damaged entry is removed (one warning) and never served."""
-        if not self.enabled:
-            return None
-        entry = self._lookup(stage, key)
-        if entry is not False:
-            return entry
-        # Damaged: remove it under the key's lock, unless a concurrent build has replaced it meanwhile.
-        with _locked(self._lock_path(stage, key)):
-            entry = self._lookup(stage, key)
-            if entry is False:
-                self._discard(stage, key)
-                return None
-            return entry
-
     def _lookup(self, stage: str, key: str) -> Entry | None | bool:
         """The entry if valid, None if absent, False if damaged."""
         path = self.entry_path(stage, key)
@@ -302,7 +288,7 @@ class StageCache:
         entry = self._lookup(stage, key)  # immutable once in place: a valid one needs no lock
         if entry:
             return entry, True
-        with _locked(self._lock_path(stage, key)):
+        with locked(self._lock_path(stage, key)):
             entry = self._lookup(stage, key)
             if entry:
                 return entry, True
@@ -331,20 +317,6 @@ class StageCache:
         if tmp.is_dir():
             for path in tmp.glob(f"{stage}.{key}.*"):
                 shutil.rmtree(path, ignore_errors=True)
-
-    def clean_stale(self) -> int:
-        """Remove temporary folders whose build is no longer running (its key's lock is free); return how many."""
-        tmp = self.root / "tmp"
-        removed = 0
-        for path in sorted(tmp.iterdir()) if tmp.is_dir() else ():
-            stage, key, _ = (path.name.split(".", 2) + ["", ""])[:3]
-            if not (_NAME.fullmatch(stage) and _NAME.fullmatch(key)):
-                continue
-            with _locked(self._lock_path(stage, key), blocking=False) as held:
-                if held:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
-        return removed
 
     # ---- housekeeping
     def entries(self) -> dict[str, int]:
@@ -394,35 +366,6 @@ def _tree_size(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-@contextmanager
-def _locked(lock_file: Path, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``lock_file``; yields False if ``blocking=False`` and it is taken."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _write_json_atomic(target: Path, data: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(name, target)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- command line

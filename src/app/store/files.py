@@ -1,7 +1,8 @@
-"""Atomic writes: a crash never leaves a file or folder that a later stage would trust."""
+"""Atomic writes (a crash never leaves a file or folder that a later stage would trust) and the one file lock."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -44,6 +45,19 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     os.replace(tmp, target)
 
 
+@contextmanager
+def locked(lock_file: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created if missing) for the block: one process at a time."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_json(target: str | Path, data: Any) -> Path:
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
@@ -58,12 +72,8 @@ def update_json(target: str | Path, data: dict) -> dict:
     """Merge ``data`` into the JSON object at ``target`` (created if missing), atomically. Two processes may update
     the same file (a job and the MLflow helper, :mod:`app.tracking.recorder`, both write its ``run.json``): a lock
     file next to it keeps either update from being lost."""
-    import fcntl
-
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(target.with_name(f".{target.name}.lock")):
         merged = read_json(target) if target.exists() else {}
         merged.update(data)
         write_json(target, merged)

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.domain.methods import Method
 from app.errors import UserError
+from app.store import cache
+from app.store.files import read_json
 
 FOLDERS = {"sample": "samples", "train": "model", "evaluate": "results"}
 GIVEN_KEYS = {"sample": "sampling.samples_dir", "train": "training.model_dir", "evaluate": "evaluation.results_dir"}
@@ -47,8 +49,6 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
     Refuses (one line) a damaged folder, one without a manifest, one made from another data file, for another
     method, or with any setting that differs from this run's (naming the first difference).
     """
-    from app.store import cache
-
     key = GIVEN_KEYS[stage]
     problem = cache.verify(folder)
     if problem is not None:
@@ -109,8 +109,6 @@ def source_run(produced_by: dict | None) -> str | None:
     if not folder:
         return None
     try:
-        import json
-
-        return json.loads((Path(folder) / "run.json").read_text()).get("mlflow_run_id")
+        return read_json(Path(folder) / "run.json").get("mlflow_run_id")
     except (OSError, ValueError, AttributeError):
         return None

@@ -55,10 +55,6 @@ class ToyTruth:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_settings(cls, settings: simulator.ToySettings) -> ToyTruth:
-        return cls(smearing=float(settings.smearing), n_parameters=int(settings.n_parameters))
-
-    @classmethod
     def from_file(cls, path: str | Path) -> ToyTruth | None:
         """The truth of a toy file written by :mod:`app.toy.simulator`; None for any other file (no tractable
         likelihood)."""

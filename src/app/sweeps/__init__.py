@@ -1,0 +1,12 @@
+"""Sweeps that survive a bad trial, and end by telling what happened.
+
+- :mod:`app.sweeps.outcomes`: each job's outcome (finished / failed / pruned, objective, error line, output dir),
+  the failure budget over all jobs so far, kept in ``<sweep dir>/sweep.json`` (written atomically after every
+  batch, whatever the launcher);
+- :mod:`app.sweeps.report`: the ``hydra.callbacks`` entry that checks the sweeper's options before any job and ends
+  the sweep with one short table and one line per failed job (exit code 1);
+- :mod:`app.sweeps.storage`: what an Optuna storage needs before Optuna opens it.
+
+The sweepers themselves are Hydra plugins (``hydra_plugins.madminer_sweeper``): Hydra instantiates sweepers from
+that namespace only. Nothing here imports torch, MadMiner, MLflow or Optuna.
+"""

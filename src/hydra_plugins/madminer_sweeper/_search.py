@@ -1,0 +1,156 @@
+"""The search loop of ``hydra/sweeper=tolerant_optuna``: ask -> launch -> tell, on Optuna's public API.
+
+Each round asks the study for ``n_jobs`` trials (``study.ask`` with the search space), launches them as one batch
+and tells the study each trial's end: COMPLETE with the job's objective, FAIL for a failed job or an objective that
+is not a finite number. A stored study (``storage`` + ``study_name``) is loaded if it exists, so the same command
+again adds ``n_trials`` trials. Whatever ends the loop early (Ctrl-C, a launcher that fails) ends this invocation's
+trials that are still RUNNING as FAIL (``study.tell``); trials of other processes on the same storage are untouched.
+"""
+
+import contextlib
+import functools
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_method
+from omegaconf import ListConfig, OmegaConf
+from optuna.trial import TrialState
+
+from app.sweeps.outcomes import FAILED, FINISHED, JobOutcome, SweepRecord, stop
+from app.sweeps.storage import prepare_storage
+
+from . import _space
+
+log = logging.getLogger(__name__)
+
+
+def search(sweeper: Any, arguments: list[str]) -> list[Any]:
+    """Run the search; returns the ``JobReturn``s of each batch."""
+    config = sweeper.config
+    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    space, fixed = _space.split(parser.parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()] + arguments))
+    sampler, n_trials = sweeper.sampler, sweeper.n_trials
+    if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+        values = _space.grid(space)
+        sampler = sampler(values)
+        n_trials = min(n_trials, math.prod(len(v) for v in values.values()))
+    directions = [getattr(d, "name", str(d)) for d in
+                  (sweeper.direction if isinstance(sweeper.direction, (list, tuple, ListConfig)) else
+                   [sweeper.direction])]
+    prepare_storage(sweeper.storage)
+    study = optuna.create_study(study_name=sweeper.study_name, storage=sweeper.storage, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    log.info("Optuna study %s (storage %s, sampler %s, %s): %d trials, %d at a time", study.study_name,
+             sweeper.storage, type(sampler).__name__, "/".join(directions), n_trials, sweeper.n_jobs)
+    extend = get_method(sweeper.custom_search_space) if sweeper.custom_search_space else None
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    record = SweepRecord(str(sweep_dir), sweeper.max_failure_rate)
+    record.save()  # a record from an earlier sweep into this folder is gone
+    asked: list[int] = []
+    batches = []
+    try:
+        while len(record.jobs) < n_trials:
+            trials = []
+            for _ in range(min(sweeper.n_jobs, n_trials - len(record.jobs))):
+                with _interrupt_after():  # the trial is RUNNING in the storage before ask() returns its number
+                    trials.append(study.ask(space))
+                    asked.append(trials[-1].number)
+            batch = [_overrides(trial, fixed, extend, config) for trial in trials]
+            sweeper.validate_batch_is_legal(batch)
+            returns = sweeper.launcher.launch(batch, initial_job_idx=len(record.jobs))
+            batches.append(returns)
+            errors = [_tell(study, trial, ret, record, len(directions)) for trial, ret in zip(trials, returns)]
+            over = record.over_budget()
+            record.save()
+            if over:
+                stop(record, config, next((e for e in errors if e is not None), None))
+                break
+    except BaseException:
+        _fail_running(study, asked)
+        raise
+    _save_best(study, sweep_dir, len(directions))
+    return batches
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold a Ctrl-C that comes while the block runs until it ends (main thread only; elsewhere no signals come)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _overrides(trial: Any, fixed: dict[str, str], extend: Any, config: Any) -> list[str]:
+    if extend is not None:
+        extend(config, trial)  # suggests more parameters on the trial (Hydra's custom_search_space)
+    searched = [f"{key}={value}" for key, value in trial.params.items()]
+    return searched + list(fixed.values())
+
+
+def _tell(study: Any, trial: Any, ret: Any, record: SweepRecord, n_objectives: int) -> BaseException | None:
+    """Record the job, tell the study how its trial ended; the job's exception when it failed."""
+    found, error = record.add(ret)
+    if found.status == FINISHED and not _valid(found, n_objectives):
+        found.status = FAILED
+        found.error = (f"ValueError: the job returned {ret.return_value!r}, not "
+                       f"{'a finite number' if n_objectives == 1 else f'{n_objectives} finite numbers'} to optimise")
+    if found.status == FAILED:
+        log.warning("job %d failed: %s", found.job, found.error)
+        study.tell(trial, state=TrialState.FAIL)
+        return error or ValueError(found.error)
+    try:
+        study.tell(trial, found.objective)
+    except RuntimeError as err:  # GridSampler: every point was run; the trial itself is stored
+        if "Study.stop" not in str(err):
+            raise
+    return None
+
+
+def _valid(found: JobOutcome, n_objectives: int) -> bool:
+    value = found.objective
+    if n_objectives == 1:
+        return isinstance(value, float)
+    return isinstance(value, list) and len(value) == n_objectives
+
+
+def _fail_running(study: Any, asked: list[int]) -> None:
+    """End the trials this invocation asked for that are still RUNNING as FAIL."""
+    mine = set(asked)
+    try:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number in mine:
+                study.tell(trial.number, state=TrialState.FAIL)
+    except Exception as err:  # noqa: BLE001 - a storage gone with the interruption: nothing more to end
+        log.warning("could not end the running trials of this search as FAIL: %s", err)
+
+
+def _save_best(study: Any, sweep_dir: Path, n_objectives: int) -> None:
+    """``optimization_results.yaml`` as Hydra's Optuna sweeper writes it (over the whole study, resumed included)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        log.warning("no trial of study %s completed: no best parameters", study.study_name)
+        return
+    if n_objectives == 1:
+        best = study.best_trial
+        results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        log.info("Best value %s with %s", best.value, best.params)
+    else:
+        results = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values}
+                                                   for t in study.best_trials]}
+        log.info("%d Pareto-optimal trials", len(results["solutions"]))
+    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
