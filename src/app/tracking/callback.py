@@ -36,8 +36,8 @@ from app.errors import error_line
 log = logging.getLogger("app.tracking")
 
 PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
-FAILED_CALLS: list[str] = []  # this command's MLflow calls that failed for good, one line each (the sweep's report)
-# This process's job run ({"handle", "parent", "tracking_seconds"}) and sweep ({"parent": start_parent's future, "uri"})
+# This process's job run ({"handle", "parent", "tracking_seconds"}) and sweep ({"parent": start_parent's future,
+# "uri", "dir"})
 _active: dict[str, Any] = {}
 _sweep: dict[str, Any] = {}
 
@@ -140,7 +140,7 @@ class MLflowCallback(Callback):
         if tracker.remote:  # the comparison at the sweep's end draws plots: the helper imports matplotlib meanwhile
             tracker.submit(comparison.warm_plots)
         self.parent = {"handle": handle}
-        _sweep.update(parent=started, uri=backend.effective_uri(config.tracking))
+        _sweep.update(parent=started, uri=backend.effective_uri(config.tracking), dir=str(sweep_dir))
         # Hydra skips on_multirun_end when a job's error or Ctrl-C ends the sweep: close the parent anyway.
         _watch_uncaught_exceptions()
         atexit.register(self._close_parent_at_exit)
@@ -148,27 +148,25 @@ class MLflowCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config) or self.parent is None:
             return
+        from app.sweeps import outcomes
         from app.tracking import calls, helper
 
         tracker, parent = helper.current(), self.parent
         self.parent = None
-        tracker.submit(calls.end_parent, parent=parent, register_model=self.register_model, **self.objective)
+        record = outcomes.load(config.hydra.sweep.dir)  # this project's sweepers: why the sweep stopped early
+        tracker.submit(calls.end_parent, parent=parent, register_model=self.register_model,
+                       stopped=record.stopped if record else None, **self.objective)
         lines = tracker.wait()  # every job's calls were submitted before: their failures too
         tracker.close()
         for line in lines:
             log.error("error: %s", line)
-        FAILED_CALLS.extend(lines)
-        try:  # the sweep report of app.sweep counts them (until it reads FAILED_CALLS)
-            from app.sweep import TRACKING_ERRORS
-
-            TRACKING_ERRORS.extend(lines)
-        except ImportError:
-            pass
+        outcomes.add_tracking_errors(config.hydra.sweep.dir, lines)  # the sweep's report counts them: exit code 1
 
     def _close_parent_at_exit(self) -> None:
         """The interpreter's exit has waited for the helper's calls (and ended it): the parent run is closed here."""
         if self.parent is None:
             return
+        from app.sweeps import outcomes
         from app.tracking import calls, helper
 
         self.parent = None
@@ -177,8 +175,10 @@ class MLflowCallback(Callback):
             return  # no parent run to close (its failure was reported)
         parent = {**started.result(), "uri": _sweep["uri"]}
         killed = issubclass(_uncaught.get("type") or Exception, KeyboardInterrupt)
+        record = outcomes.load(_sweep["dir"])
         here = helper.Tracker()
-        here.submit(calls.end_parent, parent=parent, register_model=False, killed=killed, **self.objective)
+        here.submit(calls.end_parent, parent=parent, register_model=False, killed=killed,
+                    stopped=record.stopped if record else None, **self.objective)
         for line in here.wait():
             log.error("error: %s", line)
 
@@ -226,19 +226,18 @@ class MLflowCallback(Callback):
         value = None if failed else job_return.return_value
         objective = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         job_num = OmegaConf.select(config, "hydra.job.num", default=0, throw_on_missing=False)
-        out = Path(config.hydra.runtime.output_dir)
-        # the job's own tracking time (bench/sweeps.py reads it); written before the helper may write run.json
-        spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
-        update_json(out / "run.json", {"tracking_seconds": round(spent, 3)})
         tracker.submit(calls.finish_job, handle=handle, status="FAILED" if failed else "FINISHED",
                        error=_job_error(job_return) if failed else None,
                        register_model=bool(config.tracking.register_model), objective=objective,
                        parent=_active.get("parent"), job_num=int(job_num or 0), end_time=_ms())
-        if not _multirun(config):
-            _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
-        elif not tracker.remote:
+        if _multirun(config) and not tracker.remote:  # the calls were made here
             for line in tracker.wait():
                 log.error("error: %s", line)
+        # the job's own tracking time (bench/sweeps.py reads it)
+        spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
+        update_json(Path(config.hydra.runtime.output_dir) / "run.json", {"tracking_seconds": round(spent, 3)})
+        if not _multirun(config):
+            _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
 
 
 def _job_error(job_return) -> str:

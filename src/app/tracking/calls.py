@@ -239,9 +239,10 @@ def _end(c, handle: str, run_id: str, status: str, error: str | None, end_time: 
 
 @reported
 def end_parent(*, parent: dict, metric: str | None, direction: str | None, register_model: bool,
-               killed: bool | None = None) -> None:
+               stopped: str | None = None, killed: bool | None = None) -> None:
     """The sweep's comparison on the parent run, then its end: FINISHED, or FAILED (the comparison failed, or the
-    sweep ended early: ``killed=False``) or KILLED (Ctrl-C: ``killed=True``)."""
+    sweep ended early: ``killed=False``) or KILLED (Ctrl-C: ``killed=True``). ``stopped``: why the sweeper launched no
+    more jobs (its failure budget), as a tag."""
     from app.tracking import backend, comparison
 
     if "uri" in parent and STORE.uri is None:  # at exit, in the command's own process: the helper has ended
@@ -264,6 +265,8 @@ def end_parent(*, parent: dict, metric: str | None, direction: str | None, regis
         if killed is None:
             backend.set_tags(c, run_id, {"error": first_line(err)})
             status = "FAILED"
+    if stopped:
+        backend.set_tags(c, run_id, {"stopped": stopped})
     if killed is not None:
         reason = "interrupted" if killed else "the sweep ended early (see the FAILED child runs)"
         backend.set_tags(c, run_id, {"error": reason})
