@@ -176,12 +176,14 @@ def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, par
 
     STORE.dirs[handle] = output_dir
     try:
+        # first the parent: a job in a launcher's worker waits until the helper has made it, and so has opened (and
+        # created: two processes creating a fresh sqlite store's tables at once fail) the store
+        parent_id, experiment_id = parent_run(parent)
         if STORE.uri is None:  # a job in a process that has not opened the store (a launcher's worker)
             backend.configure(uri)
             backend.ride_out_restarts()
             STORE.uri = uri
         c = STORE.client()
-        parent_id, experiment_id = parent_run(parent)
         if parent_id is None and parent_env:  # a step of the Yadage workflow (app.workflow)
             parent_id, experiment_id = parent_env, c.get_run(parent_env).info.experiment_id
         if experiment_id is None:
