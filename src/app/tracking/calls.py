@@ -176,8 +176,10 @@ def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, par
 
     STORE.dirs[handle] = output_dir
     try:
-        # first the parent: a job in a launcher's worker waits until the helper has made it, and so has opened (and
-        # created: two processes creating a fresh sqlite store's tables at once fail) the store
+        if STORE.uri is None:  # a launcher's worker: import MLflow while the helper makes the parent run, ...
+            import mlflow  # noqa: F401
+        # ... then wait for it: the helper has then opened the store (and created a fresh sqlite store's tables:
+        # two processes creating them at once fail)
         parent_id, experiment_id = parent_run(parent)
         if STORE.uri is None:  # a job in a process that has not opened the store (a launcher's worker)
             backend.configure(uri)
