@@ -140,6 +140,12 @@ def parent_run(ref: dict | None, wait: float = PARENT_WAIT) -> tuple[str | None,
 
 
 # --------------------------------------------------------------------------------------------------- runs
+def _process(tags: dict) -> dict:
+    """The ``process.*`` tags (backend.process_tags) are given with the run's creation: a run whose later calls never
+    reach the store is still known as its process's, and closed as FAILED once that process has died."""
+    return {k: v for k, v in tags.items() if k.startswith("process.")}
+
+
 @reported
 def start_parent(*, handle: str, name: str, tags: dict, start_time: int, sweep_dir: str) -> dict:
     """The sweep's parent run, started at ``start_time`` (ms: when the sweep started, not when the helper gets to
@@ -152,7 +158,7 @@ def start_parent(*, handle: str, name: str, tags: dict, start_time: int, sweep_d
     record: dict = {"failed": "the sweep's parent run could not be created"}
     try:
         c = STORE.client()
-        run_id = c.create_run(STORE.experiment_id, run_name=name, tags={"kind": "sweep"},
+        run_id = c.create_run(STORE.experiment_id, run_name=name, tags={"kind": "sweep", **_process(tags)},
                               start_time=start_time).info.run_id
         STORE.runs[handle] = run_id
         record = {"run_id": run_id, "experiment_id": STORE.experiment_id}
@@ -194,7 +200,8 @@ def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, par
         if env_run:  # launched by `mlflow run`: log into its run, never a duplicate
             run_id = env_run
         else:
-            first = {"mlflow.runName": run_name, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+            first = {"mlflow.runName": run_name, **({"mlflow.parentRunId": parent_id} if parent_id else {}),
+                     **_process(tags)}
             run_id = c.create_run(experiment_id, start_time=start_time, run_name=run_name, tags=first).info.run_id
     except BaseException:
         STORE.closed.add(handle)
