@@ -137,7 +137,8 @@ def main() -> None:
     used = min(cores, 2)
     floor = parallel["cpu"] / used
     print(f"  CPU seconds (command, MLflow helper, workers): serial {cold['cpu']:.1f}, joblib {parallel['cpu']:.1f} "
-          f"(+{parallel['cpu'] - cold['cpu']:.1f}: each worker process imports Hydra, torch and MadMiner again); "
+          f"(+{parallel['cpu'] - cold['cpu']:.1f}: each worker process imports Hydra, torch, MadMiner and, tracked, "
+          "MLflow again); "
           f"on {used} cores the joblib sweep cannot take less than {floor:.1f} s: serial/joblib <= "
           f"{cold['wall'] / floor:.2f}x with this work")
 

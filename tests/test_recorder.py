@@ -1,5 +1,6 @@
-"""The MLflow helper process (app.tracking.recorder): jobs hand it their records and never import MLflow; it makes
-the calls in order, reports a failed call in one line, and ends with the command, even one killed with SIGKILL."""
+"""The MLflow helper process (app.tracking.helper, one worker of a ProcessPoolExecutor): the command submits the calls
+of app.tracking.calls and never imports MLflow; the helper makes them in order, a failed call is one line, and it ends
+with the command, even one killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -52,63 +53,105 @@ def test_a_tracked_run_never_imports_mlflow_in_its_process(tmp_path, test_cache)
     assert {r.data.params["tracking.background"] for r in runs} == {"true", "false"}
 
 
+def _job_dir(tmp_path, name: str) -> Path:
+    out = tmp_path / name
+    (out / "results").mkdir(parents=True)
+    (out / "run.json").write_text("{}")
+    (out / "results" / "metrics.json").write_text('{"limits_cl68_area": 1.5}')
+    return out
+
+
 def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
-    from app.tracking import recorder
+    """A job's end is submitted before its start has been made (handles, not run ids); a failed call is one line
+    that names where the job's outputs are, and the later calls of that run add no second line."""
+    from app.tracking import calls, helper
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = tmp_path / "job"
-    out.mkdir()
-    (out / "run.json").write_text("{}")
-    (out / "results").mkdir()
-    (out / "results" / "metrics.json").write_text('{"limits_cl68_area": 1.5}')
-    tracker = recorder.start(uri)
+    out = _job_dir(tmp_path, "job")
+    tracker = helper.start(uri, "madminer-sweeper")
     try:
-        tracker.post("connect", uri=uri, experiment_name="madminer-sweeper")
-        tracker.post("start_parent", handle="p", name="sweep", tags={"sweep_dir": str(tmp_path)})
+        started = tracker.submit(calls.start_parent, handle="p", name="sweep", tags={"sweep_dir": str(tmp_path)},
+                                 start_time=int(time.time() * 1000), sweep_dir=str(tmp_path))
         common = dict(uri=uri, experiment_name="madminer-sweeper", tags={"t": "x"}, output_dir=str(out),
                       params={"training.method": "alices", "training.alpha": "1"}, start_time=int(time.time() * 1000))
-        tracker.post("start_job", handle="j1", run_name="job-1", parent={"handle": "p"}, **common)
-        tracker.post("finish_job", handle="j1", status="FINISHED", error=None, register_model=False,
-                     objective=0.5, parent={"handle": "p"}, job_num=0)
+        job = tracker.submit(calls.start_job, handle="j1", run_name="job-1", parent={"handle": "p"}, **common)
+        tracker.submit(calls.finish_job, handle="j1", status="FINISHED", error=None, register_model=False,
+                       objective=0.5, parent={"handle": "p"}, job_num=0)
         # a parent that was never created: that job's creation fails, and its later calls add no second line
-        tracker.post("start_job", handle="j2", run_name="job-2", parent={"handle": "nope"}, **common)
-        tracker.post("finish_job", handle="j2", status="FINISHED", error=None, register_model=False)
-        flushed = tracker.call("flush")
-        tracker.post("end_parent", parent={"handle": "p"}, metric="limits_cl68_area", direction=None,
-                     register_model=False)
-        assert tracker.call("flush")["errors"] == []
+        tracker.submit(calls.start_job, handle="j2", run_name="job-2", parent={"handle": "nope"}, **common)
+        tracker.submit(calls.finish_job, handle="j2", status="FINISHED", error=None, register_model=False)
+        errors = tracker.wait()
+        tracker.submit(calls.end_parent, parent={"handle": "p"}, metric="limits_cl68_area", direction=None,
+                       register_model=False)
+        assert tracker.wait() == []
     finally:
         tracker.close()
-    assert tracker.proc.returncode == 0  # the helper ended with the connection
-    assert len(flushed["errors"]) == 1 and "while recording a job's run" in flushed["errors"][0]
-    assert str(out) in flushed["errors"][0] and set(flushed["runs"]) == {"p", "j1"}
+    assert len(errors) == 1 and "while recording a job's run" in errors[0] and str(out) in errors[0], errors
     c, runs = _runs(uri)
     by_name = {r.info.run_name: r for r in runs}
     assert set(by_name) == {"sweep", "job-1"}
+    assert started.result()["run_id"] == by_name["sweep"].info.run_id
     assert by_name["job-1"].data.tags["mlflow.parentRunId"] == by_name["sweep"].info.run_id
     assert by_name["job-1"].info.status == by_name["sweep"].info.status == "FINISHED"
     metrics = by_name["job-1"].data.metrics
     assert metrics["objective"] == 0.5 and metrics["limits_cl68_area"] == 1.5
     assert [m.value for m in c.get_metric_history(by_name["sweep"].info.run_id, "objective")] == [0.5]
-    assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == flushed["runs"]["j1"]
+    assert json.loads((out / "run.json").read_text())["mlflow_run_id"] == job.result()
     assert by_name["sweep"].data.tags["best_run_name"] == "job-1"
+    # jobs in other processes read the parent from the sweep dir
+    assert calls.parent_run({"file": str(tmp_path / calls.PARENT_FILE)}, wait=0) == (
+        by_name["sweep"].info.run_id, by_name["sweep"].info.experiment_id)
 
 
 def test_a_store_that_cannot_be_opened_is_reported_once(tmp_path):
-    from app.tracking import recorder
+    from app.tracking import calls, helper
 
     (tmp_path / "afile").write_text("")
     uri = f"sqlite:///{tmp_path}/afile/mlflow.db"  # a file where the database's folder should be
-    tracker = recorder.start(uri)
+    tracker = helper.start(uri, "madminer-sweeper")
     try:
-        tracker.post("connect", uri=uri, experiment_name="madminer-sweeper")
-        tracker.post("start_job", handle="j", uri=uri, experiment_name="madminer-sweeper", run_name="j", params={},
-                     tags={}, output_dir=str(tmp_path), start_time=0)
-        tracker.post("finish_job", handle="j", status="FINISHED", error=None, register_model=False)
-        errors = tracker.call("flush")["errors"]
+        tracker.submit(calls.start_job, handle="j", uri=uri, experiment_name="madminer-sweeper", run_name="j",
+                       params={}, tags={}, output_dir=str(tmp_path), start_time=0)
+        tracker.submit(calls.finish_job, handle="j", status="FINISHED", error=None, register_model=False)
+        errors = tracker.wait()
     finally:
         tracker.close()
     assert len(errors) == 1 and "is unreachable" in errors[0] and "afile" in errors[0], errors
+
+
+def test_a_helper_that_dies_is_one_line_and_ctrl_c_does_not_reach_it(tmp_path):
+    """SIGINT to the helper (a Ctrl-C reaches the whole process group) is ignored; a helper killed otherwise ends
+    the calls with one line, once."""
+    from app.tracking import calls, helper
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = helper.start(uri, "madminer-sweeper")
+    try:
+        (pid,) = _helper_pids()
+        os.kill(pid, signal.SIGINT)  # at once: it may still be starting (SIGINT blocked), or opening the store
+        assert tracker.wait() == [] and _alive(str(pid))
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        tracker.submit(calls.end_run, handle="x", status="FINISHED")
+        tracker.submit(calls.end_run, handle="y", status="FINISHED")
+        assert tracker.wait() == [helper.HELPER_GONE]
+    finally:
+        tracker.close()
+
+
+def _helper_pids() -> list[int]:
+    """This process's children that multiprocessing spawned (not its resource tracker)."""
+    me = os.getpid()
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.slow
@@ -125,7 +168,7 @@ def test_the_helper_ends_with_a_killed_command(tmp_path, test_cache):
         if "epoch   3/500" in line or time.time() > deadline:
             break
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    helpers = [pid for pid in children if b"app.tracking.recorder" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    helpers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(helpers) == 1, children
     while not _runs(uri)[1]:  # the helper creates the run in the background
         assert time.time() < deadline
@@ -189,19 +232,27 @@ def test_a_database_that_cannot_be_opened_fails_in_seconds(run_app, tmp_path, po
     assert seconds < 45, f"{seconds:.0f} s: MLflow's own ~101-s engine retries were not bounded"
 
 
-def test_a_store_gone_for_good_skips_the_later_calls():
+def test_a_store_gone_for_good_skips_the_later_calls(monkeypatch):
     """Once a request has used up the ride-out window (~2 min), the command's later calls are skipped instead of
     each waiting as long again; any other failure only concerns its own call."""
-    from app.tracking import recorder
+    from app.tracking import calls
 
-    ops = recorder.Ops()
-    ops.uri, ops.runs, ops.dirs = "http://127.0.0.1:1", {"a": "run-a", "b": "run-b"}, {"a": "/out/a", "b": "/out/b"}
-    other = ops.describe("finish_job", {"handle": "a"}, ValueError("INVALID_PARAMETER_VALUE: bad metric"))
-    assert "run run-a" in other and ops.failure is None
-    gone = RuntimeError("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
-                        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: ...")
-    line = ops.describe("finish_job", {"handle": "a"}, gone)
-    assert "unreachable while recording run run-a" in line and "/out/a" in line and ops.failure
-    with pytest.raises(recorder.Skipped):
-        ops.end_run("b", "FINISHED")
-    assert ops.describe("end_run", {"handle": "b"}, recorder.Skipped("b")) is None  # no second line
+    store = calls.Store(uri="http://127.0.0.1:1", runs={"a": "run-a", "b": "run-b"},
+                        dirs={"a": "/out/a", "b": "/out/b"})
+    monkeypatch.setattr(calls, "STORE", store)
+
+    @calls.reported
+    def finish_job(*, handle):
+        raise error
+
+    error = ValueError("INVALID_PARAMETER_VALUE: bad metric")
+    with pytest.raises(calls.CallFailed, match="run run-a") as other:
+        finish_job(handle="a")
+    assert "/out/a" in str(other.value) and store.failure is None
+    error = RuntimeError("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
+                         "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url: ...")
+    with pytest.raises(calls.CallFailed, match="unreachable while recording run run-a") as gone:
+        finish_job(handle="a")
+    assert "/out/a" in str(gone.value) and store.failure
+    with pytest.raises(calls.Skipped):  # no second line
+        calls.end_run(handle="b", status="FINISHED")

@@ -1,4 +1,5 @@
-"""The pure pieces of the MLflow layer: redaction, flattening, truncation."""
+"""The pieces of the MLflow layer that need no job: redaction, flattening, truncation, the store checks, the dataset
+entity and the `mlflow ui` line."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 import pytest
 
-from app.tracking import backend
+from app.tracking import backend, results
 
 
 def test_redact_keys_and_uri_credentials():
@@ -133,22 +134,74 @@ def test_the_dataset_insert_race_is_retried(tmp_path):
     which left that job's run RUNNING. The dataset exists by then: linking it again succeeds."""
     from mlflow.exceptions import MlflowException
 
-    from app.tracking import recorder
-
     events = tmp_path / "events.h5"
     events.write_bytes(b"x")
     race = MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
                            'constraint "dataset_pk"')
     client = _FakeClient([race])
-    recorder._log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
+    results.log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
     assert client.calls == [("r1", "events.h5", "ab" * 8, "events")] * 2
 
     client = _FakeClient([MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")])
     with pytest.raises(MlflowException, match="run gone"):  # anything else is not retried
-        recorder._log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
+        results.log_dataset(client, "r1", {"data_path": str(events), "data_sha256": "ab" * 32})
     assert len(client.calls) == 1
 
 
 def test_a_uri_without_a_valid_port_is_one_line():
     with pytest.raises(backend.TrackingUnavailable, match=r"unreachable \(no valid port in db:abc\)"):
         backend.probe_server("http://user:pw@db:abc")
+
+
+def test_the_dataset_entity_is_the_event_file(tmp_path):
+    """The input dataset as MLflow's UI and search show it: a local source naming the resolved file, the file's name,
+    the first 16 hex of its sha256 (the public Dataset entity that MetaDataset over a local source produced)."""
+    import json
+
+    events = tmp_path / "sub" / ".." / "events.h5"
+    (tmp_path / "events.h5").write_bytes(b"x")
+    entity = results.dataset(str(events), "ab" * 32)
+    assert (entity.name, entity.digest, entity.source_type) == ("events.h5", "ab" * 8, "local")
+    assert json.loads(entity.source) == {"uri": str(tmp_path / "events.h5")}
+    assert entity.schema is None and len(results.dataset(str(events), None).digest) == 16
+
+
+def test_a_database_that_cannot_be_opened_is_one_line_without_retries_for_sqlite(tmp_path):
+    """SQLAlchemy opens a database store before MLflow does (MLflow alone retries for ~101 s): a sqlite path that is a
+    folder fails at once, with the driver's first line."""
+    uri = f"sqlite:///{tmp_path}"
+    start = time.monotonic()
+    with pytest.raises(backend.TrackingUnavailable, match=r"unreachable \(.*unable to open database file"):
+        backend.check_database(uri)
+    assert time.monotonic() - start < 2
+    good = f"sqlite:///{tmp_path}/ok.db"
+    backend.check_database(good)
+    assert good in backend._CHECKED  # opened once per process
+
+
+def test_the_waits_between_database_attempts_are_bounded():
+    waits = [backend.DB_RETRY_WAIT * 2**k for k in range(backend.DB_CONNECT_ATTEMPTS - 1)]
+    assert 10 <= sum(waits) <= 15  # a database finishing its start is ridden out; a wrong name fails in seconds
+
+
+def test_the_ui_line_names_the_store_the_runs_went_to(monkeypatch, caplog):
+    """Under `mlflow run` (MLFLOW_RUN_ID set) the runs go to MLFLOW_TRACKING_URI, not tracking.uri: the line at the end
+    of a run names that store (issue 18: the runs landed in m.db but the line said sqlite:///mlflow.db)."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from app.tracking.callback import MLflowCallback
+
+    cfg = OmegaConf.create({"tracking": {"mode": "local", "uri": "sqlite:///mlflow.db"}})
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    assert "--backend-store-uri sqlite:///mlflow.db " in backend.ui_line(backend.effective_uri(cfg.tracking))
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////work/m.db")
+    with caplog.at_level(logging.INFO, logger="app.tracking"):
+        MLflowCallback().on_run_end(cfg)
+    (line,) = [r.getMessage() for r in caplog.records if "compare runs" in r.getMessage()]
+    assert "--backend-store-uri sqlite:////work/m.db " in line
+    server = OmegaConf.create({"tracking": {"mode": "server", "uri": "http://bob:pw@host:5000/"}})
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert backend.ui_line(backend.effective_uri(server.tracking)).startswith("compare runs: open http://***@host:5000/#")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
 from app.errors import UserError, first_line
-from app.tracking.backend import redact_log_records
+from app.tracking.redaction import redact_log_records
 
 
 def config_dir() -> str:

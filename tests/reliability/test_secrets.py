@@ -156,31 +156,32 @@ def test_credentials_in_tracking_and_optuna_uris_of_a_search(tmp_path, cache_dir
 
 # ---------------------------------------------------------------------------- the Yadage workflow
 def test_workflow_moves_secrets_into_the_environment(monkeypatch):
-    from app import workflow
+    from app.errors import UserError
+    from app.workflow import params, secrets, steps
 
-    for name in [n for n in os.environ if n.startswith(workflow.SECRET_ENV)]:
+    for name in [n for n in os.environ if n.startswith(secrets.SECRET_ENV)]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("MY_TOKEN", "x")
     overrides = [f"+vars.api_token={SECRET}1", f"+vars.nested={{token: {SECRET}6}}", "training.alpha=2",
                  f"+vars.store='postgresql://alice:{SECRET}5@db/x'", "+vars.env_token=${oc.env:MY_TOKEN}",
                  "~evaluation.theta_true"]
     uri = f"postgresql://bob:{SECRET}7@127.0.0.1/x"
-    safe, safe_uri, names = workflow.protect_secrets(overrides, uri)
+    safe, safe_uri, names = secrets.protect_secrets(overrides, uri)
     assert SECRET not in repr(safe) + safe_uri
     assert safe == ["+vars.api_token='${oc.env:MADMINER_SWEEPER_SECRET_1}'",
                     "+vars.nested='${oc.decode:${oc.env:MADMINER_SWEEPER_SECRET_2}}'", "training.alpha=2",
                     "+vars.store='${oc.env:MADMINER_SWEEPER_SECRET_3}'", "+vars.env_token=${oc.env:MY_TOKEN}",
                     "~evaluation.theta_true"]
-    assert safe_uri == "${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}" and workflow.expand(safe_uri) == uri
+    assert safe_uri == "${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}" and params.expand(safe_uri) == uri
     assert names == ["MADMINER_SWEEPER_SECRET_1", "MADMINER_SWEEPER_SECRET_2", "MADMINER_SWEEPER_SECRET_3",
                      "MY_TOKEN", "MADMINER_SWEEPER_SECRET_TRACKING_URI"]
     assert os.environ["MADMINER_SWEEPER_SECRET_3"] == f"postgresql://alice:{SECRET}5@db/x"  # Hydra's quotes off
     # the steps get the tracking URI as the reference; a path or name that looks like one stays a literal
     spec = {"tracking": {"uri": safe_uri, "experiment": "${oc.env:HOME}"}}
-    assert workflow._tracking_args(spec) == ["tracking.uri='${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}'",
+    assert steps.tracking_args(spec) == ["tracking.uri='${oc.env:MADMINER_SWEEPER_SECRET_TRACKING_URI}'",
                                              "tracking.experiment_name='\\${oc.env:HOME}'"]
-    with pytest.raises(workflow.UserError, match="NOT_SET_ANYWHERE, which is not set"):
-        workflow.expand("${oc.env:NOT_SET_ANYWHERE}")
+    with pytest.raises(UserError, match="NOT_SET_ANYWHERE, which is not set"):
+        params.expand("${oc.env:NOT_SET_ANYWHERE}")
 
 
 @pytest.mark.slow

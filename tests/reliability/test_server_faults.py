@@ -112,7 +112,7 @@ def test_a_server_that_stays_down_fails_the_job_in_one_line_and_the_run_is_close
         seen.append(line)
         if "stage data " in line:
             break
-    # the MLflow helper (app.tracking.recorder) creates the run in the background: once it exists, stop the server
+    # the MLflow helper (app.tracking.helper) creates the run in the background: once it exists, stop the server
     # for good
     deadline = time.time() + 120
     while not _n_runs(server.uri):

@@ -1,1 +1,3 @@
-"""MLflow: the Hydra callback, the store, the sweep's comparison and the model registry. Stages never import it."""
+"""MLflow: the Hydra callback (``callback``), the MLflow calls (``calls``, ``results``) and the helper process that
+makes them (``helper``), the store (``backend``), secrets (``redaction``), the sweep's comparison and the model
+registry. Stages never import it."""

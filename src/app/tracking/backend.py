@@ -1,32 +1,31 @@
-"""The thin MLflow layer: connect, redact, flatten, and log in batches.
+"""The store: its URI, the checks that fail fast with one line, the experiment, params/tags/metrics in batches, and
+orphaned runs (``python -m app.tracking close-orphans``).
 
-Only :mod:`app.tracking.callback` uses it; stages never import MLflow. MLflow itself is imported lazily.
+Used by :mod:`app.tracking.calls` and the callback; stages never import MLflow. MLflow itself is imported lazily.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import socket
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from app.errors import UserError
-
-REDACTED = "***"
-# Keys that hold secrets: password, secret, token, credential, api_key / apikey, and key itself or NAME_key.
-SECRET_WORDS = r"password|passwd|secret|token|credential|api_?key"
-SECRET_KEY = re.compile(rf"{SECRET_WORDS}|(?:^|[_.\-])key$", re.IGNORECASE)
-_SECRET_PAIR = re.compile(  # key=value / key: value pairs inside free text (overrides, YAML dumps, log lines)
-    rf"(?<![\w.\-])(?P<key>[\w.\-]*(?:{SECRET_WORDS})[\w.\-]*|(?:[\w.\-]*[_.\-])?key)"
-    r"(?P<sep>\s*[=:]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,'\"\]}]+)",  # a quoted value whole
-    re.IGNORECASE,
+from app.errors import UserError, first_line
+from app.store.files import sqlite_path
+from app.tracking.redaction import (  # noqa: F401 - re-exported: app.main, app.workflow import them from here
+    REDACTED,
+    SECRET_KEY,
+    URI_CREDENTIALS,
+    redact,
+    redact_log_records,
+    redact_text,
 )
-URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ (or token@) in any URI
+
 TRUNCATED = "...[truncated; full value in the config artifact]"
 BATCH = 100  # MLflow's per-request limit for params and tags
 
@@ -40,12 +39,14 @@ CONNECT_TIMEOUT = 5.0  # seconds for the TCP probe that decides "unreachable"
 HTTP_RIDE_OUT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 _SET_HERE: set[str] = set()  # the variables this module set (a user's own values are never changed)
-# A database store (sqlite, PostgreSQL, ...) that accepts connections but cannot be opened (a wrong database name
-# or password, a folder where the file should be): MLflow retries creating its engine 10 times, sleeping
-# 0.1 * (2**k - 1) s, ~101 s in all, before the error. Seven attempts (~12 s of waiting) still ride out a database
-# that is finishing its start (a cluster job that starts PostgreSQL beside the sweep); a misconfigured one fails
-# in seconds. Set here, for this process only.
+# A database store (PostgreSQL, MySQL, ...) that accepts connections but cannot be opened (a wrong database name or
+# password): MLflow retries creating its engine 10 times, 0.1 * (2**k - 1) s apart, ~101 s in all, before the error.
+# check_database connects first, with SQLAlchemy, DB_CONNECT_ATTEMPTS times DB_RETRY_WAIT * 2**k s apart (~12.6 s of
+# waiting): enough for a database that is finishing its start (a cluster job that starts PostgreSQL beside the
+# sweep), while a misconfigured one fails in seconds. A sqlite file is there or not: one attempt.
 DB_CONNECT_ATTEMPTS = 7
+DB_RETRY_WAIT = 0.2
+_CHECKED: set[str] = set()  # database URIs that this process has opened once
 
 
 def effective_uri(tracking_cfg) -> str | None:
@@ -67,47 +68,6 @@ def ui_line(uri: str) -> str:
 
 class TrackingUnavailable(UserError):
     """The tracking store cannot be reached."""
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Replace secrets: values under keys that look secret, and credentials inside URIs."""
-    if key and SECRET_KEY.search(key):
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
-def redact_text(text: str) -> str:
-    text = URI_CREDENTIALS.sub(f"{REDACTED}@", text)
-    return _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{m.group('sep')}{REDACTED}", text)
-
-
-def redact_log_records() -> None:
-    """Every log record's message passes :func:`redact_text` when it is created, whatever handlers Hydra
-    configures later (its own sweep lines ``#0 : <overrides>``, the Optuna sweeper's ``Storage: <url>``,
-    the jobs' console and ``<job>.log``). Installed once per process by :mod:`app.main`."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "redacts", False):
-        return
-
-    def factory(*args, **kwargs) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string is logging's to report, when it emits
-            return record
-        safe = redact_text(message)
-        if safe != message:
-            record.msg, record.args = safe, None
-        return record
-
-    factory.redacts = True
-    logging.setLogRecordFactory(factory)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
@@ -135,14 +95,36 @@ def set_http_defaults() -> None:
 
 
 def configure(uri: str) -> None:
+    """Point MLflow at ``uri``; a database store is opened once first (:func:`check_database`)."""
     set_http_defaults()
+    check_database(uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    if db_scheme(uri):
-        from mlflow.store.db import utils as db_utils
 
-        db_utils.MAX_RETRY_COUNT = min(getattr(db_utils, "MAX_RETRY_COUNT", DB_CONNECT_ATTEMPTS), DB_CONNECT_ATTEMPTS)
+
+def check_database(uri: str) -> None:
+    """Open a database store once with SQLAlchemy (bounded retries) before MLflow does; raises TrackingUnavailable
+    with the driver's first line (``database "x" does not exist``) when it cannot be opened."""
+    if not db_scheme(uri) or uri in _CHECKED:
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    attempts = 1 if db_scheme(uri) == "sqlite" else DB_CONNECT_ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+            try:
+                engine.connect().close()
+            finally:
+                engine.dispose()
+            _CHECKED.add(uri)
+            return
+        except Exception as err:  # noqa: BLE001 - whatever the driver raises, the fix is the user's
+            if attempt == attempts - 1:
+                raise unreachable(uri, first_line(err)) from None
+            time.sleep(DB_RETRY_WAIT * 2**attempt)
 
 
 def client(uri: str):
@@ -160,19 +142,24 @@ def ride_out_restarts() -> None:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment id, created if needed; fails fast with one line if the store is unreachable.
+    """The experiment id, created if needed; fails fast with one line if the store is unreachable or a database
+    cannot be opened.
 
     For an HTTP server, "unreachable" means its port refuses or does not accept a TCP connection within
     CONNECT_TIMEOUT: then the command fails within seconds. A port that accepts is a server that is there, maybe
     busy, so the requests themselves already ride out slow answers (HTTP_RIDE_OUT)."""
-    configure(uri)
+    try:
+        configure(uri)
+    except TrackingUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - MLflow's own checks of the URI
+        raise unreachable(uri, first_line(err)) from None
     if probe_server(uri):
         ride_out_restarts()
     try:
         c = client(uri)  # a database store connects here (a wrong database name, password, ...)
     except Exception as err:  # noqa: BLE001 - reported like any other failure to reach the store
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise unreachable(uri, first) from None
+        raise unreachable(uri, first_line(err)) from None
     experiment_id = _ensure_experiment(c, uri, name)
     ride_out_restarts()
     return experiment_id
@@ -190,17 +177,15 @@ def db_scheme(uri: str) -> str | None:
 
 def precheck(uri: str) -> None:
     """What can be checked before the jobs start without importing MLflow (which the helper process of
-    :mod:`app.tracking.recorder` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
+    :mod:`app.tracking.helper` imports meanwhile): a server's or database's port accepts a TCP connection, a sqlite
     database's folder exists and is writable. Raises TrackingUnavailable with the one line to report."""
     from urllib.parse import urlsplit
 
     scheme = db_scheme(uri)
     if scheme == "sqlite":
-        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:":
-            folder = os.path.dirname(path) or "."
-            if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-                raise unreachable(uri, f"no writable folder {folder} for the database file")
+        path = sqlite_path(uri)
+        if path is not None and not (path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)):
+            raise unreachable(uri, f"no writable folder {path.parent} for the database file")
     elif scheme in DB_PORTS:
         parts = urlsplit(uri)
         try:
@@ -262,8 +247,7 @@ def _ensure_experiment(c, uri: str, name: str) -> str:
                 raise
             return experiment.experiment_id
     except Exception as err:  # noqa: BLE001 - any failure to reach the store is reported the same way
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise unreachable(uri, first) from None
+        raise unreachable(uri, first_line(err)) from None
 
 
 def log_params(c, run_id: str, params: Mapping[str, str]) -> None:
@@ -286,8 +270,6 @@ def set_tags(c, run_id: str, tags: Mapping[str, Any]) -> None:
 
 def log_metrics(c, run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
     """(key, value, step) triples in batches."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -330,8 +312,6 @@ def close_orphans(c, experiment_id: str, stale_hours: float | None = None) -> li
     """End RUNNING runs whose process has died (this host) as FAILED; with ``stale_hours`` also RUNNING runs of any
     host started more than that long ago. Returns their ids. Called when a run or sweep starts, and by
     ``python -m app.tracking close-orphans``."""
-    import time
-
     host = socket.gethostname()
     closed = []
     for run in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):

@@ -1,23 +1,25 @@
 """Hydra callback that forwards every job to MLflow (configured under ``hydra.callbacks``).
 
-- a run (or multirun) start checks the tracking store and creates the experiment, before any job;
-- a multirun is one parent run; its id is written into the sweep dir, where every job (in this
-  process or in joblib / submitit workers) reads it, so children nest under it; a single run nests
-  under the run in ``$MADMINER_SWEEPER_PARENT_RUN_ID`` (a step of the Yadage workflow);
-- each job is one run: the resolved config as params (batched), group choices and provenance as
-  tags, then at its end the metrics, the event file as input dataset, and the artifacts;
-- the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING.
+- a run (or multirun) start checks the tracking store (no MLflow import) and has it opened, before any job;
+- a multirun is one parent run; its id is written into the sweep dir, where jobs in other processes (joblib,
+  submitit workers) read it, so children nest under it whatever the launcher; a single run nests under the run in
+  ``$MADMINER_SWEEPER_PARENT_RUN_ID`` (a step of the Yadage workflow);
+- each job is one run: the resolved config as params (batched), group choices and provenance as tags, then at its
+  end the metrics, the event file as input dataset, and the artifacts;
+- the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING;
+- a single run ends with the ``mlflow ui`` line for the store its run went to.
 
-The callback gathers what to record; :mod:`app.tracking.recorder` makes the MLflow calls, by default in a helper process
-(``tracking.background``) so that neither this process nor a joblib worker imports MLflow or waits for the store.
-Secrets are redacted before anything reaches MLflow.
+The callback gathers what to record; the functions of :mod:`app.tracking.calls` make the MLflow calls, by default in
+the helper process of :mod:`app.tracking.helper` (``tracking.background``) so that the command never imports MLflow
+or waits for the store. Secrets are redacted before anything reaches MLflow.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
-import json
+import io
 import logging
 import os
 import subprocess
@@ -29,79 +31,65 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("app.tracking.backend")
+from app.errors import error_line
 
-PARENT_FILE = ".mlflow_parent.json"
+log = logging.getLogger("app.tracking")
+
 PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
-_active: dict[str, Any] = {}  # the job run this process records: {"handle", "parent", "tracking_seconds"}
-
-
-def _tracking(config: DictConfig) -> tuple[str, str | None, str]:
-    """(mode, uri, experiment name); inside ``mlflow run`` the run's own store is used."""
-    t = config.tracking
-    uri = t.uri
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-    return t.mode, uri, t.experiment_name
+# This process's job run ({"handle", "parent", "tracking_seconds"}) and sweep ({"parent": start_parent's future,
+# "uri", "dir"})
+_active: dict[str, Any] = {}
+_sweep: dict[str, Any] = {}
 
 
 def _enabled(config: DictConfig) -> bool:
     return "tracking" in config and config.tracking.mode != "disabled"
 
 
-def _fail(err: Exception) -> None:
-    print(f"error: {err}", file=sys.stderr)
+def _multirun(config: DictConfig) -> bool:
+    return str(config.hydra.mode).endswith("MULTIRUN")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _background(config: DictConfig) -> bool:
-    """The MLflow helper process (app.tracking.recorder) serves this process and joblib workers on the same machine; the
-    workers of other launchers (submitit: maybe other machines) make their calls themselves."""
-    if not config.tracking.get("background", True):
-        return False
-    if str(config.hydra.mode).endswith("MULTIRUN"):
-        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-        return "joblib" in target or "BasicLauncher" in target
-    return True
+def _ms() -> int:
+    return int(time.time() * 1000)
 
 
 class MLflowCallback(Callback):
     def __init__(self) -> None:
-        self.parent: dict | None = None  # {"handle"} (helper) or {"run_id", "experiment_id"}
+        self.parent: dict | None = None  # {"handle"} of the sweep's parent run (plain: joblib pickles the callback)
         self.objective: dict = {}
         self.register_model = False
 
     # ------------------------------------------------------------------ run / multirun
     def _start(self, config: DictConfig):
-        """Check the store (a TCP connect for a server: no MLflow import) and open it: in the helper process,
+        """Check the store (a TCP connect for a server: no MLflow import) and have it opened: by the helper process,
         which imports MLflow meanwhile, or here."""
-        from app.tracking import backend, recorder
+        from app.tracking import backend, calls, helper
 
-        mode, uri, name = _tracking(config)
+        uri, name = backend.effective_uri(config.tracking), config.tracking.experiment_name
         if not uri:
-            _fail(backend.TrackingUnavailable(
-                f"tracking={mode} needs a tracking URI; set MLFLOW_TRACKING_URI or tracking.uri=..."
-            ))
+            _fail(f"tracking={config.tracking.mode} needs a tracking URI; set MLFLOW_TRACKING_URI or tracking.uri=...")
         try:
             backend.precheck(uri)
         except backend.TrackingUnavailable as err:
-            _fail(err)
+            _fail(str(err))
         tracker = None
-        if _background(config):
+        if config.tracking.get("background", True):
             try:
-                tracker = recorder.start(uri)
+                tracker = helper.start(uri, name)
             except Exception as err:  # noqa: BLE001 - the calls are then made here
                 log.warning("MLflow helper process not started (%s): tracking in this process", err)
         if tracker is None:
-            tracker = recorder.Local()
-            try:
-                tracker.call("connect", uri=uri, experiment_name=name)
-            except backend.TrackingUnavailable as err:
-                _fail(err)
-        else:
-            tracker.post("connect", uri=uri, experiment_name=name)
-            atexit.register(tracker.close)  # registered first, so it runs after the parent's closing below
-        recorder.set_current(tracker)
+            tracker = helper.Tracker()
+            opened = tracker.submit(calls.open_store, uri=uri, experiment_name=name)
+            if opened.exception() is not None:
+                _fail(tracker.wait()[0])
+        helper.set_current(tracker)
         self.register_model = bool(config.tracking.register_model)
         direction = config.objective.direction
         self.objective = {"metric": config.objective.metric,
@@ -112,17 +100,29 @@ class MLflowCallback(Callback):
         if _enabled(config):
             self._start(config)
 
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """The helper's end (after the run's calls), then how to look at the run."""
+        if not _enabled(config):
+            return
+        from app.tracking import backend, helper
+
+        tracker = helper.current()
+        if tracker is not None:
+            tracker.close()
+        log.info("%s", backend.ui_line(backend.effective_uri(config.tracking)))
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config):
             return
-        from app.tracking import backend, recorder
+        from app.tracking import backend, calls, comparison
 
         tracker = self._start(config)
         sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / calls.PARENT_FILE).unlink(missing_ok=True)  # an earlier sweep's, into the same dir
         sweeper = config.hydra.sweeper
-        name = sweeper.get("study_name") if "study_name" in sweeper else None
-        name = name or f"sweep-{sweep_dir.name}"
-        tags = {"sweep_dir": str(sweep_dir), "kind": "sweep", **backend.process_tags(),
+        name = (sweeper.get("study_name") if "study_name" in sweeper else None) or f"sweep-{sweep_dir.name}"
+        tags = {"sweep_dir": str(sweep_dir), "kind": "sweep", **backend.process_tags(), **_source_tags(),
                 "overrides": _typed(config.hydra.overrides.task)}
         if sweeper.get("storage") or "optuna" in str(sweeper.get("_target_", "")):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
@@ -131,24 +131,16 @@ class MLflowCallback(Callback):
                 "optuna.storage": backend.redact_text(str(sweeper.get("storage"))),
                 "optuna.n_trials": sweeper.get("n_trials"),
             })
-        handle = recorder.new_handle()
-        started = int(time.time() * 1000)  # the helper may create the run seconds later (it imports MLflow first)
-        if tracker.remote:
-            tracker.post("start_parent", handle=handle, name=name, tags=tags, start_time=started)
-            self.parent = {"handle": handle}
-            shared = {"parent": self.parent, "recorder": tracker.share()}
-        else:
-            try:
-                run_id = tracker.call("start_parent", handle=handle, name=name, tags=tags, start_time=started)
-            except Exception as err:  # noqa: BLE001 - one line, as for an unreachable store
-                _fail(backend.TrackingUnavailable(tracker.ops.describe("start_parent", {"handle": handle}, err)))
-            self.parent = {"run_id": run_id, "experiment_id": tracker.ops.experiment_id}
-            shared = {"parent": self.parent}
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        # the jobs need the ids (and the helper's socket and key) only; the URI, maybe with user:password@, stays out
-        parent_file = sweep_dir / PARENT_FILE
-        parent_file.touch(mode=0o600)
-        parent_file.write_text(json.dumps(shared))
+        handle = calls.new_handle()
+        # started now, whenever the helper creates it (it imports MLflow first): the UI shows the sweep's duration
+        started = tracker.submit(calls.start_parent, handle=handle, name=name, tags=tags, start_time=_ms(),
+                                 sweep_dir=str(sweep_dir))
+        if not tracker.remote and started.exception() is not None:
+            _fail(tracker.wait()[0])
+        if tracker.remote:  # the comparison at the sweep's end draws plots: the helper imports matplotlib meanwhile
+            tracker.submit(comparison.warm_plots)
+        self.parent = {"handle": handle}
+        _sweep.update(parent=started, uri=backend.effective_uri(config.tracking), dir=str(sweep_dir))
         # Hydra skips on_multirun_end when a job's error or Ctrl-C ends the sweep: close the parent anyway.
         _watch_uncaught_exceptions()
         atexit.register(self._close_parent_at_exit)
@@ -156,61 +148,66 @@ class MLflowCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config) or self.parent is None:
             return
-        from app.sweep import FAILURES, STATE, TRACKING_ERRORS
+        from app.sweeps import outcomes
+        from app.tracking import calls, helper
 
-        tracker, parent = _recorder(), self.parent
+        tracker, parent = helper.current(), self.parent
         self.parent = None
-        tracker.post("end_parent", parent=parent, register_model=self.register_model,
-                     failed_jobs="; ".join(f.line() for f in FAILURES) or None, stopped=STATE.get("stopped"),
-                     **self.objective)
-        for line in _flush(tracker):  # every job's calls were handed over before: their failures too
+        record = outcomes.load(config.hydra.sweep.dir)  # this project's sweepers: why the sweep stopped early
+        tracker.submit(calls.end_parent, parent=parent, register_model=self.register_model,
+                       stopped=record.stopped if record else None, **self.objective)
+        lines = tracker.wait()  # every job's calls were submitted before: their failures too
+        tracker.close()
+        for line in lines:
             log.error("error: %s", line)
-            TRACKING_ERRORS.append(line)
+        outcomes.add_tracking_errors(config.hydra.sweep.dir, lines)  # the sweep's report counts them: exit code 1
 
     def _close_parent_at_exit(self) -> None:
+        """The interpreter's exit has waited for the helper's calls (and ended it): the parent run is closed here."""
         if self.parent is None:
             return
-        tracker, parent = _recorder(), self.parent
+        from app.sweeps import outcomes
+        from app.tracking import calls, helper
+
         self.parent = None
+        started = _sweep.get("parent")
+        if started is None or not started.done() or started.exception() is not None:
+            return  # no parent run to close (its failure was reported)
+        parent = {**started.result(), "uri": _sweep["uri"]}
         killed = issubclass(_uncaught.get("type") or Exception, KeyboardInterrupt)
-        try:
-            tracker.post("end_parent", parent=parent, register_model=False, killed=killed, **self.objective)
-            for line in _flush(tracker):
-                log.error("error: %s", line)
-        except Exception as err:  # noqa: BLE001 - best effort on the way out
-            log.warning("could not close the sweep's parent run: %s", err)
+        record = outcomes.load(_sweep["dir"])
+        here = helper.Tracker()
+        here.submit(calls.end_parent, parent=parent, register_model=False, killed=killed,
+                    stopped=record.stopped if record else None, **self.objective)
+        for line in here.wait():
+            log.error("error: %s", line)
 
     # ------------------------------------------------------------------ jobs
     def on_job_start(self, config: DictConfig, *, task_function: Any = None, **kwargs: Any) -> None:
         if not _enabled(config):
             return
         started = time.perf_counter()
-        from app.tracking import backend, recorder
+        from app.tracking import backend, calls, helper
 
-        _, uri, name = _tracking(config)
         hydra = config.hydra
-        tracker, parent = recorder.current(), self.parent
-        if hydra.mode is not None and str(hydra.mode).endswith("MULTIRUN"):
-            parent_file = Path(hydra.sweep.dir) / PARENT_FILE
-            if parent_file.exists():
-                shared = json.loads(parent_file.read_text())
-                parent = shared["parent"]
-                if tracker is None:  # a worker process of the launcher
-                    tracker = recorder.connect(shared["recorder"]) if "recorder" in shared else recorder.Local()
-                    recorder.set_current(tracker)
-        if tracker is None:  # a job without a run or sweep start in this process
-            tracker = recorder.Local()
-            recorder.set_current(tracker)
+        tracker, parent = helper.current(), None
+        if _multirun(config):
+            # the sweep's own process (in-process launcher) names the parent by handle; a worker process of another
+            # launcher (joblib, submitit) makes its own calls, under the parent run the helper wrote into the sweep dir
+            parent = self.parent if "parent" in _sweep else {"file": str(Path(hydra.sweep.dir) / calls.PARENT_FILE)}
+        if tracker is None:  # a process without a run or sweep start: a launcher's worker
+            tracker = helper.Tracker()
+            helper.set_current(tracker)
         job_only = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         job_cfg = OmegaConf.to_container(job_only, resolve=True, enum_to_str=True)
-        handle = recorder.new_handle()
-        out = Path(hydra.runtime.output_dir)
-        run_id = tracker.post(
-            "start_job", handle=handle, uri=uri, experiment_name=name, run_name=_run_name(config),
+        handle = calls.new_handle()
+        created = tracker.submit(
+            calls.start_job, handle=handle, uri=backend.effective_uri(config.tracking),
+            experiment_name=config.tracking.experiment_name, run_name=_run_name(config),
             params=backend.flatten(backend.redact(job_cfg)), tags={**_job_tags(config), **backend.process_tags()},
-            output_dir=str(out), start_time=int(time.time() * 1000), parent=parent,
+            output_dir=str(hydra.runtime.output_dir), start_time=_ms(), parent=parent,
             parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"))
-        if not tracker.remote and run_id is None:  # the store failed here: one line, as at the job's end
+        if not tracker.remote and created.exception() is not None:  # the store failed here: one line, as at the end
             _report(tracker, config)
         _active.update(handle=handle, parent=parent, tracking_seconds=time.perf_counter() - started)
         self.register_model = bool(config.tracking.register_model)
@@ -221,60 +218,49 @@ class MLflowCallback(Callback):
         from hydra.core.utils import JobStatus
 
         from app.store.files import update_json
+        from app.tracking import calls, helper
 
         started = time.perf_counter()
-        tracker, handle = _recorder(), _active.pop("handle")
+        tracker, handle = helper.current(), _active.pop("handle")
         failed = job_return.status == JobStatus.FAILED
-        value = getattr(job_return, "_return_value", None)
-        objective = value if isinstance(value, (int, float)) and not isinstance(value, bool) and not failed else None
+        value = None if failed else job_return.return_value
+        objective = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         job_num = OmegaConf.select(config, "hydra.job.num", default=0, throw_on_missing=False)
-        out = Path(config.hydra.runtime.output_dir)
-        # the job's own tracking time (bench/sweeps.py reads it); written before the helper may write run.json
-        spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
-        update_json(out / "run.json", {"tracking_seconds": round(spent, 3)})
-        tracker.post("finish_job", handle=handle, status="FAILED" if failed else "FINISHED",
-                     error=_error_line(value) if failed else None, register_model=bool(config.tracking.register_model),
-                     objective=objective, parent=_active.get("parent"), job_num=int(job_num or 0),
-                     end_time=int(time.time() * 1000))  # the helper may get to it later (a run's duration)
-        if not str(config.hydra.mode).endswith("MULTIRUN"):
-            _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
-        elif not tracker.remote:
-            for line in _flush(tracker):
+        tracker.submit(calls.finish_job, handle=handle, status="FAILED" if failed else "FINISHED",
+                       error=_job_error(job_return) if failed else None,
+                       register_model=bool(config.tracking.register_model), objective=objective,
+                       parent=_active.get("parent"), job_num=int(job_num or 0), end_time=_ms())
+        if _multirun(config) and not tracker.remote:  # the calls were made here
+            for line in tracker.wait():
                 log.error("error: %s", line)
+        # the job's own tracking time (bench/sweeps.py reads it)
+        spent = _active.pop("tracking_seconds", 0.0) + time.perf_counter() - started
+        update_json(Path(config.hydra.runtime.output_dir) / "run.json", {"tracking_seconds": round(spent, 3)})
+        if not _multirun(config):
+            _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
 
 
-def _recorder():
-    from app.tracking import recorder
-
-    return recorder.current()
-
-
-def _flush(tracker) -> list[str]:
-    """Wait for every call handed over so far; the one-line failures among them."""
-    try:
-        return tracker.call("flush")["errors"]
-    except Exception as err:  # noqa: BLE001 - the helper itself is gone
-        return [str(err)]
+def _job_error(job_return) -> str:
+    """``Type: first line`` of a failed job's error, read through JobReturn's public ``return_value`` (which raises
+    it, after writing an "Error executing job" line to stderr: that line is Hydra's or the sweep's to print)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            _ = job_return.return_value
+        except Exception as err:  # noqa: BLE001 - the job's own error, whatever it is
+            return error_line(err)
+    return "failed"
 
 
 def _report(tracker, config: DictConfig) -> None:
     """A run (not a sweep): the first failed call ends the command with one line and exit code 2."""
-    errors = _flush(tracker)
+    errors = tracker.wait()
     if not errors:
         return
-    if str(config.hydra.mode).endswith("MULTIRUN"):
+    if _multirun(config):
         for line in errors:
             log.error("error: %s", line)
         return
-    print(f"error: {errors[0]}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
-def _error_line(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"{type(error).__name__}: {first}"
+    _fail(errors[0])
 
 
 _uncaught: dict[str, Any] = {}
@@ -285,7 +271,7 @@ def _watch_uncaught_exceptions() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        _uncaught.update(type=exc_type, message=str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        _uncaught.update(type=exc_type)
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
@@ -293,19 +279,22 @@ def _watch_uncaught_exceptions() -> None:
 
 def end_active_run(status: str, error: BaseException | None = None) -> None:
     """End this process's job run; called by the task wrapper on Ctrl-C and on bad input (which skip on_job_end)."""
+    from app.tracking import calls, helper
+
     handle = _active.pop("handle", None)
-    tracker = _recorder()
+    tracker = helper.current()
     if handle is None or tracker is None:
         return
-    tracker.post("end_run", handle=handle, status=status, error=_error_line(error), end_time=int(time.time() * 1000))
-    for line in _flush(tracker):
+    tracker.submit(calls.end_run, handle=handle, status=status, error=None if error is None else error_line(error),
+                   end_time=_ms())
+    for line in tracker.wait():
         log.error("error: %s", line)
 
 
 def _run_name(config: DictConfig) -> str:
     method = config.training.method
     hydra = config.hydra
-    if str(hydra.mode).endswith("MULTIRUN"):
+    if _multirun(config):
         return f"{method}-{hydra.job.num}"
     if os.environ.get(PARENT_ENV):
         return f"{getattr(config.stage, 'value', config.stage)}-{method}"
@@ -331,16 +320,24 @@ def _job_tags(config: DictConfig) -> dict:
             "job.name": hydra.job.name,
             "job.num": OmegaConf.select(config, "hydra.job.num", default=None, throw_on_missing=False),
             "output_dir": hydra.runtime.output_dir,
-            "sweep_dir": hydra.sweep.dir if str(hydra.mode).endswith("MULTIRUN") else None,
+            "sweep_dir": hydra.sweep.dir if _multirun(config) else None,
             "objective.metric": config.objective.metric,
             "objective.direction": str(getattr(config.objective.direction, "value", config.objective.direction)),
         }
     )
     tags.update({f"version.{package}": found for package, found in _versions().items()})
+    tags.update(_source_tags())
+    return tags
+
+
+def _source_tags() -> dict[str, str]:
+    """What the MLflow UI shows as a run's Source and commit (what mlflow.start_run would add; `mlflow run` has added
+    them to its own run)."""
+    tags = {}
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    if not os.environ.get("MLFLOW_RUN_ID"):  # what mlflow.start_run would add (`mlflow run` has added them)
+    if not os.environ.get("MLFLOW_RUN_ID"):
         import getpass
 
         try:
