@@ -210,18 +210,6 @@ def test_gpu_check_says_no_gpu_without_one():
     assert proc.returncode == 0 and proc.stdout == "no GPU\n", (proc.returncode, proc.stdout, proc.stderr)
 
 
-def test_unknown_trainer_is_a_one_line_error(run_app):
-    from conftest import TINY
-
-    proc = run_app("training.trainer=fastest", *TINY, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: training.trainer=fastest is unknown; use fast or madminer "
-        "(fast: the app's training loop, madminer: MadMiner's own Trainer)"
-    )
-    assert "Traceback" not in proc.out
-
-
 @pytest.mark.parametrize("method", ["alices", "carl"])
 def test_double_parameterized_estimators_learn(toy_path, method):
     """Two score gradients per batch (theta0 and theta1), in training and validation."""

@@ -18,6 +18,19 @@ from hydra.test_utils.launcher_common_tests import (
 from app.sweeps.outcomes import BudgetExceeded
 
 
+@pytest.fixture(autouse=True)
+def hydra_version_base():
+    """The suites expect Hydra's compatibility behaviour (jobs change into their output dir). ``@hydra.main`` and
+    ``initialize`` set the version base for the whole process, and other tests of this session (the app's own
+    ``version_base="1.3"``) may have run first: set the suites' own for each test, then restore it."""
+    from hydra import version
+
+    before = version.VersionBase.instance().getbase()
+    version.setbase("1.1")
+    yield
+    version.VersionBase.instance().setbase(before)
+
+
 @pytest.mark.parametrize("launcher_name, overrides", [("basic", ["hydra/sweeper=tolerant"])])
 class TestTolerantSweeper(LauncherTestSuite):
     ...

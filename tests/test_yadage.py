@@ -121,7 +121,7 @@ def test_setup_step_through_packtivity_keeps_values_as_data(tmp_path, cache_dir)
     data = _toy_copy(cache_dir, tmp_path / WEIRD)
     run_name = "run \"a\" 'b'; $(touch PWNED)"
     pars = {"data": encode(str(data)), "methods": encode("alices,sally"), "workdir": str(tmp_path / "setup"),
-            "overrides": [encode(o) for o in ["training.n_epochs=2", "+note='$(touch PWNED) `touch PWNED`'"]],
+            "overrides": [encode(o) for o in ["training.n_epochs=2", "+vars.note='$(touch PWNED) `touch PWNED`'"]],
             "tracking_uri": encode(f"sqlite:///{tmp_path / 'mlflow.db'}"), "experiment": encode("madminer-sweeper"),
             "run_name": encode(run_name)}
     (tmp_path / "pars.yml").write_text(yaml.safe_dump(pars))
@@ -129,7 +129,7 @@ def test_setup_step_through_packtivity_keeps_values_as_data(tmp_path, cache_dir)
                           cwd=tmp_path, env=_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     spec = json.loads((tmp_path / "setup" / "workflow.json").read_text())
-    assert spec["overrides"] == ["training.n_epochs=2", "+note='$(touch PWNED) `touch PWNED`'"]
+    assert spec["overrides"] == ["training.n_epochs=2", "+vars.note='$(touch PWNED) `touch PWNED`'"]
     assert spec["kinds"] == {"ratio": "alices", "local": "sally"}
     assert spec["run_name"] == run_name
     _, parent, _, _ = _runs(tmp_path)

@@ -316,7 +316,7 @@ class TrackingConfig:
     uri: str | None = None
     experiment_name: str = "madminer-sweeper"
     register_model: bool = False
-    background: bool = True  # MLflow calls in a helper process, off the jobs' critical path (app.tracking.recorder)
+    background: bool = True  # MLflow calls in a helper process, off the jobs' critical path (app.tracking.helper)
 
 
 # --------------------------------------------------------------------------- top level

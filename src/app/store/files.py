@@ -70,7 +70,7 @@ def read_json(path: str | Path) -> Any:
 
 def update_json(target: str | Path, data: dict) -> dict:
     """Merge ``data`` into the JSON object at ``target`` (created if missing), atomically. Two processes may update
-    the same file (a job and the MLflow helper, :mod:`app.tracking.recorder`, both write its ``run.json``): a lock
+    the same file (a job and the MLflow helper, :mod:`app.tracking.helper`, both write its ``run.json``): a lock
     file next to it keeps either update from being lost."""
     target = Path(target)
     with locked(target.with_name(f".{target.name}.lock")):

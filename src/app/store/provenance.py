@@ -100,7 +100,7 @@ def _show(value: Any) -> str:
 
 def source_run(produced_by: dict | None) -> str | None:
     """The MLflow run that produced a stage output: recorded with it, or, when that job's run did not exist yet (the
-    helper of :mod:`app.tracking.recorder` creates runs in the background), read from the producing job's
+    helper of :mod:`app.tracking.helper` creates runs in the background), read from the producing job's
     ``run.json``."""
     produced_by = produced_by or {}
     if produced_by.get("mlflow_run_id"):

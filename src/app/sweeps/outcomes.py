@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import error_line
+from app.tracking.redaction import redact_text
 
 SWEEP_FILE = "sweep.json"
 FINISHED, FAILED, PRUNED = "finished", "failed", "pruned"
@@ -47,7 +48,8 @@ def outcome(ret: Any, job: int) -> tuple[JobOutcome, BaseException | None]:
     def select(key: str, default: Any) -> Any:
         return default if hydra_cfg is None else OmegaConf.select(hydra_cfg, key, default=default)
 
-    found = JobOutcome(int(select("hydra.job.num", job)), [str(o) for o in ret.overrides or []], FINISHED,
+    # secrets (a token in an override, user:password@ in a URI) never reach the sweep's record
+    found = JobOutcome(int(select("hydra.job.num", job)), [redact_text(str(o)) for o in ret.overrides or []], FINISHED,
                        output_dir=select("hydra.runtime.output_dir", None))
     if ret.status != JobStatus.COMPLETED:
         try:
@@ -56,7 +58,7 @@ def outcome(ret: Any, job: int) -> tuple[JobOutcome, BaseException | None]:
             error: BaseException = RuntimeError(f"job ended with status {ret.status.name} ({value!r})")
         except Exception as err:  # noqa: BLE001 - whatever the task raised is the job's failure
             error = err
-        found.status, found.error = FAILED, error_line(error)
+        found.status, found.error = FAILED, redact_text(error_line(error))
         return found, error
     found.objective = _number(ret.return_value)
     return found, None
@@ -123,15 +125,6 @@ class SweepRecord:
         from app.store.files import write_json
 
         write_json(Path(self.sweep_dir) / SWEEP_FILE, asdict(self))
-        _saved["latest"] = self.sweep_dir
-
-
-_saved: dict[str, str] = {}  # the sweep this process recorded last: only for app.sweep (transitional)
-
-
-def latest() -> SweepRecord | None:
-    """The record this process saved last (transitional: app.sweep's names for app.tracking.callback)."""
-    return load(_saved["latest"]) if "latest" in _saved else None
 
 
 def load(sweep_dir: str | Path) -> SweepRecord | None:
