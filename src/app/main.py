@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
 from app.errors import UserError, first_line
-from app.tracking.redaction import redact_log_records
+from app.sweeps.storage import prepare_storage
+from app.tracking.redaction import redact_log_records, redact_text
 
 
 def config_dir() -> str:
@@ -172,8 +173,6 @@ def _writable_dir(folder: str, key: str) -> None:
 def _open_optuna_storage(url: str) -> None:
     from optuna.storages import get_storage
 
-    from app.sweeps.storage import prepare_storage
-    from app.tracking.backend import redact_text
 
     try:
         prepare_storage(url)  # sqlite: the database's folder (multirun/ for the presets) may not exist yet

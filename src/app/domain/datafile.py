@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import UserError, first_line
+from app.toy import simulator
 
 REQUIRED_GROUPS = ("parameters", "benchmarks", "observables", "samples")
 
@@ -29,7 +30,6 @@ class FileInfo:
 def resolve(data_cfg, cache_dir: str | Path) -> FileInfo:
     """Return the checked event file: the (cached) toy for ``data=toy``, ``data.path`` for ``data=file``."""
     if data_cfg.kind == "toy":
-        from app.toy import simulator
 
         settings = simulator.ToySettings(
             n_events=data_cfg.n_events,

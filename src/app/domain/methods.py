@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.errors import UserError
+
 # training.estimator -> the madminer.ml class that implements it
 ESTIMATORS: dict[str, str] = {
     "parameterized": "ParameterizedRatioEstimator",
@@ -36,7 +38,6 @@ class Method:
     loss_terms: tuple[str, ...]
 
     def check_estimator(self, estimator: str) -> None:
-        from app.errors import UserError
 
         if estimator not in self.estimators:
             raise UserError(
@@ -87,7 +88,6 @@ THETAREF_MODES = ("sallino", "adaptive_sally")
 
 
 def get_method(name: str) -> Method:
-    from app.errors import UserError
 
     try:
         return METHODS[name]

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from app.domain.methods import METHODS
+from app.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,6 @@ def default_objective(method: str) -> str:
 
 def objective(metric: str | None, direction: str | None, method: str) -> tuple[str, str]:
     """(metric, direction) of ``objective.*`` with nulls filled in; raises UserError on a contradiction."""
-    from app.errors import UserError
 
     metric = metric or default_objective(method)
     found = spec(metric)
@@ -126,6 +126,8 @@ class Child:
     value: float
     alpha: str | None = None  # as logged (a param string)
     samples_key: str | None = None  # the sample stage's cache key: same key = same validation samples
+    metric: str = ""  # what ``value`` is (for rank: trials of one sweep may each have their method's own objective)
+    direction: str = ""
 
 
 def comparable(metric: str, children: list[Child]) -> tuple[bool, str]:
@@ -172,3 +174,21 @@ def best(metric: str, direction: str, children: list[Child]) -> tuple[Child | No
         if comparable(metric, group)[0]:
             per_method[method] = pick(group, key=lambda c: c.value)
     return overall, per_method, reason
+
+
+def rank(children: list[Child]) -> tuple[Child | None, dict[str, Child], str]:
+    """A sweep's finished trials, each scored with its own ``metric``: (the best of all or None, the best per method,
+    why). One metric for all: :func:`best`. Several (``objective.metric=null``: each method's own loss term): no best
+    of all, the best per method under each metric. The sweep's table and the parent run's comparison both use it."""
+    if not children:
+        return None, {}, "no trial finished with its objective"
+    scored = sorted({(c.metric, c.direction) for c in children})
+    if len(scored) == 1:
+        return best(*scored[0], children)
+    per_method: dict[str, Child] = {}
+    for metric, direction in scored:
+        per_method.update(best(metric, direction, [c for c in children if (c.metric, c.direction) == (metric,
+                                                                                                      direction)])[1])
+    why = (f"each method was scored with its own metric ({', '.join(m for m, _ in scored)}), which are not "
+           "comparable; set objective.metric to limits_cl68_area or a truth_* metric to rank methods")
+    return None, dict(sorted(per_method.items())), why

@@ -19,10 +19,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from app.config import DATA_KINDS, Config
+from app.domain import metrics
 from app.domain.datafile import FileInfo
 from app.domain.methods import MODEL_MODES, THETAREF_MODES, Method, get_method
 from app.domain.theta import grid_ranges
 from app.errors import UserError, first_line
+from app.ml import device
+from app.toy.simulator import ToySettings
 
 # paths: only resolvable inside a job (${hydra:...}); hydra: Hydra's own (in a config composed with
 # return_hydra_config=True); vars: free-form, read through the interpolations of the options that use them (and
@@ -69,7 +72,6 @@ def check_options(cfg: DictConfig) -> Method:
                                           and all(isinstance(v, bool) for v in include))):
         raise UserError(f"evaluation.include_xsec={_shown(include)} is not a choice; use true, false or a list such as "
                         "[true,false]")
-    from app.domain import metrics
 
     metrics.objective(options["objective"]["metric"], options["objective"]["direction"], method.name)
     for mode in limit_modes(cfg, method):
@@ -83,7 +85,6 @@ def check_options(cfg: DictConfig) -> Method:
             raise UserError(f"evaluation mode {mode} needs sampling.theta, the point the score was trained at")
     if data_kind == "toy":
         _check_toy(options["data"])
-    from app.ml import device
 
     device.check(options["training"]["device"])  # training.device=cuda without a GPU: fail now, not after sampling
     return method
@@ -200,7 +201,6 @@ def _enum_of(hint) -> list[str]:
 
 def _check_toy(data: dict) -> None:
     """The toy's settings, with the generator's own ranges (the events it needs depend on the parameters)."""
-    from app.toy.simulator import ToySettings
 
     settings = {f.name: data[f.name] for f in dataclasses.fields(ToySettings) if f.name in data}
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import error_line
+from app.store.files import read_json, write_json
 from app.tracking.redaction import redact_text
 
 SWEEP_FILE = "sweep.json"
@@ -122,14 +123,12 @@ class SweepRecord:
         return True
 
     def save(self) -> None:
-        from app.store.files import write_json
 
         write_json(Path(self.sweep_dir) / SWEEP_FILE, asdict(self))
 
 
 def load(sweep_dir: str | Path) -> SweepRecord | None:
     """The record a sweeper of this project wrote into ``sweep_dir`` (None for another sweeper's sweep)."""
-    from app.store.files import read_json
 
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.exists():

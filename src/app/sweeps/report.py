@@ -16,7 +16,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from app.domain.metrics import Child, rank
+from app.store.files import read_json
 from app.sweeps import outcomes
+from app.tracking.backend import effective_uri, ui_line
 
 MAX_ROWS = 20  # a longer sweep shows its best jobs; sweep.json lists all of them
 
@@ -68,7 +71,6 @@ def _ui_line(config: DictConfig) -> str | None:
     tracking = config.get("tracking")
     if tracking is None or tracking.get("mode") == "disabled":
         return None
-    from app.tracking.backend import effective_uri, ui_line
 
     uri = effective_uri(tracking)
     return ui_line(uri) if uri else None
@@ -111,20 +113,19 @@ def summary(record: outcomes.SweepRecord, ui: str | None = None) -> str:
 
 
 def _row(job: outcomes.JobOutcome, overrides: list[str]) -> Row:
-    from app.domain.metrics import Child
 
     row = Row(job, overrides)
     out = Path(job.output_dir) if job.output_dir else None
     if out is None or not (out / "run.json").exists():
         return row
-    from app.store.files import read_json
 
     run = read_json(out / "run.json")
     objective = run.get("objective") or {}
     row.method, row.metric, row.direction = run.get("method"), objective.get("metric"), objective.get("direction")
     if job.status == outcomes.FINISHED and isinstance(job.objective, float) and row.method:
         samples_key = ((run.get("cache") or {}).get("sample") or {}).get("key")
-        row.child = Child(str(job.job), row.method, job.objective, _alpha(out), samples_key)
+        row.child = Child(str(job.job), row.method, job.objective, _alpha(out), samples_key, row.metric or "",
+                          row.direction or "")
     return row
 
 
@@ -140,25 +141,15 @@ def _alpha(out: Path) -> str | None:
 def _rank(rows: list[Row]) -> tuple[Row | None, dict[str, Row] | None, str]:
     """(the best job when the objective ranks all jobs, else None; None or the best job per method when it does
     not; why)."""
-    from app.domain.metrics import best
 
     ranked = [r for r in rows if r.child is not None]
     if not ranked:
         return None, None, ""
     by_id = {r.child.run_id: r for r in ranked}
-    metrics = sorted({(r.metric, r.direction) for r in ranked})
-    if len(metrics) == 1:
-        overall, per_method, why = best(*metrics[0], [r.child for r in ranked])
-        if overall is not None:
-            return by_id[overall.run_id], None, why
-        return None, {m: by_id[c.run_id] for m, c in per_method.items()}, why
-    chosen = {}
-    for metric, direction in metrics:
-        group = [r.child for r in ranked if (r.metric, r.direction) == (metric, direction)]
-        chosen.update({m: by_id[c.run_id] for m, c in best(metric, direction, group)[1].items()})
-    why = (f"each method was scored with its own metric ({', '.join(m for m, _ in metrics)}), which are not "
-           "comparable; set objective.metric to limits_cl68_area or a truth_* metric to rank methods")
-    return None, dict(sorted(chosen.items())), why
+    overall, per_method, why = rank([r.child for r in ranked])
+    if overall is not None:
+        return by_id[overall.run_id], None, why
+    return None, {m: by_id[c.run_id] for m, c in per_method.items()}, why
 
 
 def _jobs_table(rows: list[Row], best: Row | None) -> list[str]:

@@ -17,14 +17,7 @@ from typing import Any
 
 from app.errors import UserError, first_line
 from app.store.files import sqlite_path
-from app.tracking.redaction import (  # noqa: F401 - re-exported: app.main, app.workflow import them from here
-    REDACTED,
-    SECRET_KEY,
-    URI_CREDENTIALS,
-    redact,
-    redact_log_records,
-    redact_text,
-)
+from app.tracking.redaction import redact_text
 
 TRUNCATED = "...[truncated; full value in the config artifact]"
 BATCH = 100  # MLflow's per-request limit for params and tags

@@ -32,6 +32,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from app.errors import error_line
+from app.store.files import update_json
+from app.sweeps import outcomes
+from app.tracking import backend, calls, comparison, helper, redaction
 
 log = logging.getLogger("app.tracking")
 
@@ -69,7 +72,6 @@ class MLflowCallback(Callback):
     def _start(self, config: DictConfig):
         """Check the store (a TCP connect for a server: no MLflow import) and have it opened: by the helper process,
         which imports MLflow meanwhile, or here."""
-        from app.tracking import backend, calls, helper
 
         uri, name = backend.effective_uri(config.tracking), config.tracking.experiment_name
         if not uri:
@@ -104,7 +106,6 @@ class MLflowCallback(Callback):
         """The helper's end (after the run's calls), then how to look at the run."""
         if not _enabled(config):
             return
-        from app.tracking import backend, helper
 
         tracker = helper.current()
         if tracker is not None:
@@ -114,7 +115,6 @@ class MLflowCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config):
             return
-        from app.tracking import backend, calls, comparison
 
         tracker = self._start(config)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -128,7 +128,7 @@ class MLflowCallback(Callback):
             # A resumed study gets a new parent run: these tags tie every invocation to its study.
             tags.update({
                 "optuna.study_name": sweeper.get("study_name"),
-                "optuna.storage": backend.redact_text(str(sweeper.get("storage"))),
+                "optuna.storage": redaction.redact_text(str(sweeper.get("storage"))),
                 "optuna.n_trials": sweeper.get("n_trials"),
             })
         handle = calls.new_handle()
@@ -148,8 +148,6 @@ class MLflowCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _enabled(config) or self.parent is None:
             return
-        from app.sweeps import outcomes
-        from app.tracking import calls, helper
 
         tracker, parent = helper.current(), self.parent
         self.parent = None
@@ -166,8 +164,6 @@ class MLflowCallback(Callback):
         """The interpreter's exit has waited for the helper's calls (and ended it): the parent run is closed here."""
         if self.parent is None:
             return
-        from app.sweeps import outcomes
-        from app.tracking import calls, helper
 
         self.parent = None
         started = _sweep.get("parent")
@@ -187,7 +183,6 @@ class MLflowCallback(Callback):
         if not _enabled(config):
             return
         started = time.perf_counter()
-        from app.tracking import backend, calls, helper
 
         hydra = config.hydra
         tracker, parent = helper.current(), None
@@ -204,7 +199,7 @@ class MLflowCallback(Callback):
         created = tracker.submit(
             calls.start_job, handle=handle, uri=backend.effective_uri(config.tracking),
             experiment_name=config.tracking.experiment_name, run_name=_run_name(config),
-            params=backend.flatten(backend.redact(job_cfg)), tags={**_job_tags(config), **backend.process_tags()},
+            params=backend.flatten(redaction.redact(job_cfg)), tags={**_job_tags(config), **backend.process_tags()},
             output_dir=str(hydra.runtime.output_dir), start_time=_ms(), parent=parent,
             parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"))
         if not tracker.remote and created.exception() is not None:  # the store failed here: one line, as at the end
@@ -217,8 +212,6 @@ class MLflowCallback(Callback):
             return
         from hydra.core.utils import JobStatus
 
-        from app.store.files import update_json
-        from app.tracking import calls, helper
 
         started = time.perf_counter()
         tracker, handle = helper.current(), _active.pop("handle")
@@ -279,7 +272,6 @@ def _watch_uncaught_exceptions() -> None:
 
 def end_active_run(status: str, error: BaseException | None = None) -> None:
     """End this process's job run; called by the task wrapper on Ctrl-C and on bad input (which skip on_job_end)."""
-    from app.tracking import calls, helper
 
     handle = _active.pop("handle", None)
     tracker = helper.current()

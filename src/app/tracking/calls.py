@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.errors import first_line
+from app.store.files import update_json, write_json
+from app.tracking import backend, comparison, redaction, results
 
 log = logging.getLogger("app.tracking.backend")
 
@@ -45,7 +47,6 @@ class Store:
     dirs: dict[str, str] = field(default_factory=dict)  # handle -> the job's output dir (or the sweep dir)
 
     def client(self):
-        from app.tracking import backend
 
         if self.failure:
             raise Skipped(self.failure)
@@ -80,11 +81,10 @@ def reported(call):
 
 
 def _line(op: str, kwargs: dict, err: BaseException) -> str:
-    from app.tracking import backend
 
     if isinstance(err, backend.TrackingUnavailable):
         return str(err)
-    first = backend.redact_text(first_line(err))[:200]
+    first = redaction.redact_text(first_line(err))[:200]
     if GONE in str(err) and not STORE.failure:
         # the requests rode out the retry window (backend.HTTP_RIDE_OUT, ~2 min) and the store is still gone:
         # the command's later calls are skipped, rather than each waiting that long again
@@ -104,7 +104,6 @@ def _line(op: str, kwargs: dict, err: BaseException) -> str:
 def open_store(uri: str, experiment_name: str) -> str:
     """The experiment (created if needed); runs left RUNNING by a process that died (kill -9, a lost node) end
     FAILED. Raises TrackingUnavailable (one line) if the store cannot be opened."""
-    from app.tracking import backend
 
     STORE.uri = uri
     try:
@@ -151,8 +150,6 @@ def start_parent(*, handle: str, name: str, tags: dict, start_time: int, sweep_d
     """The sweep's parent run, started at ``start_time`` (ms: when the sweep started, not when the helper gets to
     it); ``{"run_id", "experiment_id"}`` goes to the sweep dir for jobs in other processes (written even when it
     failed: they stop waiting)."""
-    from app.store.files import write_json
-    from app.tracking import backend
 
     STORE.dirs[handle] = sweep_dir
     record: dict = {"failed": "the sweep's parent run could not be created"}
@@ -168,7 +165,7 @@ def start_parent(*, handle: str, name: str, tags: dict, start_time: int, sweep_d
     finally:
         write_json(Path(sweep_dir) / PARENT_FILE, record)
     backend.set_tags(c, run_id, tags)
-    log.info("MLflow parent run %s (%s) in %s", name, run_id, backend.redact_text(STORE.uri))
+    log.info("MLflow parent run %s (%s) in %s", name, run_id, redaction.redact_text(STORE.uri))
     return record
 
 
@@ -177,8 +174,6 @@ def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, par
               output_dir: str, start_time: int, parent: dict | None = None, parent_env: str | None = None,
               env_run: str | None = None) -> str:
     """Create the job's run (or take over the one ``mlflow run`` made) with its params and tags."""
-    from app.store.files import update_json
-    from app.tracking import backend
 
     STORE.dirs[handle] = output_dir
     try:
@@ -219,7 +214,6 @@ def finish_job(*, handle: str, status: str, error: str | None, register_model: b
                parent: dict | None = None, job_num: int = 0, end_time: int | None = None) -> None:
     """Everything the job produced (read from its output dir), then its end. If the store fails on the way, the run
     stays RUNNING (closed as FAILED later: ``close-orphans``, or the next run)."""
-    from app.tracking import results
 
     run_id = STORE.run(handle)
     c = STORE.client()
@@ -240,7 +234,6 @@ def end_run(*, handle: str, status: str, error: str | None = None, end_time: int
 
 
 def _end(c, handle: str, run_id: str, status: str, error: str | None, end_time: int | None) -> None:
-    from app.tracking import backend
 
     if error is not None:
         backend.set_tags(c, run_id, {"error": error})
@@ -254,7 +247,6 @@ def end_parent(*, parent: dict, metric: str | None, direction: str | None, regis
     """The sweep's comparison on the parent run, then its end: FINISHED, or FAILED (the comparison failed, or the
     sweep ended early: ``killed=False``) or KILLED (Ctrl-C: ``killed=True``). ``stopped``: why the sweeper launched no
     more jobs (its failure budget), as a tag."""
-    from app.tracking import backend, comparison
 
     if "uri" in parent and STORE.uri is None:  # at exit, in the command's own process: the helper has ended
         backend.configure(parent["uri"])

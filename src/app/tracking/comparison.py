@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from app.domain import metrics
 from app.domain.stats import CL68_P_VALUE
+from app.tracking import backend
 
 
 def children(c, parent: dict) -> list:
@@ -24,7 +26,6 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
     """Log the comparison artifacts and best-child tags on the parent; returns the best child's run id.
 
     ``metric`` / ``direction``: the sweep's ``objective`` (null: each child's own default, its method's loss term)."""
-    from app.tracking import backend
 
     runs = sorted(children(c, parent), key=lambda r: int(r.data.tags.get("job.num", 0) or 0))
     if not runs:
@@ -74,7 +75,7 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
         (tmp / "best.json").write_text(json.dumps(summary, indent=2))
         _objective_plot(runs, metric or "objective", best, tmp / "objective.png")
         if len({r.data.tags.get("training") for r in runs}) > 1:
-            _methods_overlay(runs, tmp / "limits_by_method.png")
+            methods_overlay(runs, tmp / "limits_by_method.png")
         c.log_artifacts(parent["run_id"], str(tmp), "comparison")
 
     tags = {"n_children": len(runs), "n_failed": summary["n_failed"], "comparison": reason}
@@ -101,40 +102,29 @@ def pick_best(runs, metric: str | None, direction: str | None):
     ``metric=None``: each child was scored with its own method's default objective; one metric for all children is
     needed for a cross-trial best.
     """
-    from app.domain import metrics
 
     finished = [r for r in runs if r.info.status == "FINISHED" and _objective_of(r, metric) in r.data.metrics]
-    names = {_objective_of(r, metric) for r in finished}
-    if not finished:
-        return None, {}, metric, direction, "no child finished with its objective"
-    if len(names) > 1:
-        # Per method, each with its own default objective.
-        per_method = {}
-        for method in sorted({r.data.params.get("training.method") for r in finished}):
-            group = [r for r in finished if r.data.params.get("training.method") == method]
-            name = _objective_of(group[0], metric)
-            _, best_of, _ = metrics.best(name, metrics.spec(name).direction, [_child(r, name) for r in group])
-            if method in best_of:
-                per_method[method] = next(r for r in group if r.info.run_id == best_of[method].run_id)
-        why = (f"each method was scored with its own loss term ({', '.join(sorted(names))}), which are not comparable; "
-               "set objective.metric to limits_cl68_area or a truth_* metric to rank methods")
-        return None, per_method, None, None, why
-    name = names.pop()
-    direction = direction or metrics.spec(name).direction
-    overall, best_of, why = metrics.best(name, direction, [_child(r, name) for r in finished])
+    children = [_child(r, _objective_of(r, metric), direction) for r in finished]
+    overall, best_of, why = metrics.rank(children)
+    names = {c.metric for c in children}
+    name = names.pop() if len(names) == 1 else None
+    if name is None:  # each method with its own default objective
+        metric_direction = None
+    else:
+        metric_direction = direction or metrics.spec(name).direction
     by_id = {r.info.run_id: r for r in finished}
     best = by_id[overall.run_id] if overall else None
-    return best, {m: by_id[ch.run_id] for m, ch in best_of.items()}, name, direction, why
+    return best, {m: by_id[ch.run_id] for m, ch in best_of.items()}, name or metric, metric_direction, why
 
 
-def _child(run, metric: str):
-    from app.domain import metrics
+def _child(run, metric: str, direction: str | None):
 
     params = run.data.params
     sampling = {k: v for k, v in params.items() if k.startswith(("sampling.", "data.")) and k != "sampling.samples_dir"}
     samples_key = run.data.tags.get("cache.sample.key") or json.dumps(sampling, sort_keys=True)
     return metrics.Child(run.info.run_id, params.get("training.method"), run.data.metrics[metric],
-                         params.get("training.alpha"), samples_key)
+                         params.get("training.alpha"), samples_key, metric,
+                         direction or metrics.spec(metric).direction)
 
 
 def warm_plots() -> None:
@@ -179,7 +169,7 @@ def _objective_plot(runs, metric: str, best, path: Path) -> None:
     plt.close(fig)
 
 
-def _methods_overlay(runs, path: Path) -> None:
+def methods_overlay(runs, path: Path) -> None:
     """Each method's 68 % CL contour in its own mode, with the rate and histogram baselines."""
     import matplotlib
 

@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from app.errors import error_line
 from app.tracking import calls
 from app.tracking.backend import TrackingUnavailable
+from app.tracking.redaction import redact_log_records
 
 log = logging.getLogger("app.tracking")
 
@@ -124,7 +125,6 @@ def prepare() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logging.getLogger("app").setLevel(logging.INFO)
-    from app.tracking.redaction import redact_log_records
 
     redact_log_records()
     threading.Thread(target=_end_with_the_command, daemon=True).start()

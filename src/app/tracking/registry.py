@@ -16,6 +16,8 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from app.ml import estimators
+
 BEST_ALIAS = "best"
 
 
@@ -27,7 +29,6 @@ class MadMinerEstimator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         model_dir = Path(context.artifacts["model_dir"])
         self.meta = json.loads((model_dir / "model.json").read_text())
-        from app.ml import estimators
 
         self.estimator = estimators.load(model_dir)
 
@@ -35,7 +36,6 @@ class MadMinerEstimator(mlflow.pyfunc.PythonModel):
         import numpy as np
         import pandas as pd
 
-        from app.ml import estimators
 
         frame = pd.DataFrame(model_input)
         x = frame[self.meta["observables"]].to_numpy(dtype=float)

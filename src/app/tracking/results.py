@@ -9,15 +9,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.tracking import backend
+from app.store import provenance
+from app.store.files import read_json
+from app.tracking import backend, redaction
 
 DATASET_ATTEMPTS = 3
 
 
 def log_job(c, run_id: str, out: Path, register_model: bool, objective: float | None, parent_id: str | None,
             job_num: int) -> None:
-    from app.store import provenance
-    from app.store.files import read_json
 
     try:
         run_info = read_json(out / "run.json")
@@ -78,7 +78,7 @@ def log_hydra_records(c, run_id: str, hydra_dir: Path) -> None:
         for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
             if (hydra_dir / name).exists():
                 content = yaml.load((hydra_dir / name).read_text(), Loader=loader)
-                (Path(tmp) / name).write_text(yaml.dump(backend.redact(content), Dumper=dumper, sort_keys=False))
+                (Path(tmp) / name).write_text(yaml.dump(redaction.redact(content), Dumper=dumper, sort_keys=False))
         if any(Path(tmp).iterdir()):
             c.log_artifacts(run_id, tmp, "hydra")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from app.tracking.backend import SECRET_KEY, URI_CREDENTIALS, redact_text
+from app.tracking.redaction import SECRET_KEY, URI_CREDENTIALS, redact_text
 from app.workflow.params import NONE, env_name, override_key
 
 SECRET_ENV = "MADMINER_SWEEPER_SECRET_"

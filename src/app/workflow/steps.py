@@ -22,7 +22,7 @@ from app.domain.methods import get_method
 from app.domain.validate import check_config, check_options
 from app.errors import UserError
 from app.tracking.callback import PARENT_ENV  # the step's run nests under the run named there
-from app.tracking.comparison import _methods_overlay
+from app.tracking.comparison import methods_overlay
 from app.workflow import parent_run
 from app.workflow.compose import compose, resolved_without_run
 from app.workflow.params import NONE, check_overrides, data_args, decode, env_name, hydra_value
@@ -153,7 +153,7 @@ def compare(args) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    _methods_overlay(runs, plot_file)
+    methods_overlay(runs, plot_file)
     if spec["tracking"] is not None:
         parent_run.finish(spec["tracking"], [csv_file, plot_file], {"n_methods": len(rows)})
     publish(workdir, {"plot": str(plot_file), "csv": str(csv_file)})
