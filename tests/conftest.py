@@ -46,30 +46,77 @@ def test_cache(tmp_path, cache_dir) -> Path:
 
 @pytest.fixture
 def run_app(tmp_path, test_cache):
-    """Run ``python -m app ARGS`` in ``tmp_path``; returns the CompletedProcess (output in .out).
+    """Run the CLI ``python -m app ARGS`` in ``tmp_path``: in this process by default (``app.main.main`` with those
+    arguments, as the console script calls it: Hydra's real command line, callbacks, exit codes and output, without
+    paying the interpreter's start and the imports of torch and MadMiner again), or as a real process with
+    ``process=True`` where only a process shows it (signals, what a fresh process imports, its environment).
+    Returns a CompletedProcess-like result (``returncode``, ``stdout``, ``stderr``, ``out`` = both).
 
     The stage cache is per test (``test_cache``): runs of one test may reuse each other's stages.
     """
 
-    def run(
-        *args: str, check: bool = True, tracking: str = "disabled", run_dir: Path | None = None, timeout=600
-    ):
-        env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "app", *args]
+    def run(*args: str, check: bool = True, tracking: str = "disabled", run_dir: Path | None = None, timeout=600,
+            process: bool = False, env: dict | None = None):
+        argv = list(args)
         if tracking and not any(a.startswith("tracking=") for a in args):
-            cmd.append(f"tracking={tracking}")
-        if (
-            not any(a.startswith("hydra.run.dir") or a in ("-m", "--multirun") for a in args)
-            and "--cfg" not in args
-        ):
-            cmd.append(f"hydra.run.dir={run_dir or tmp_path / 'run'}")
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+            argv.append(f"tracking={tracking}")
+        if not any(a.startswith("hydra.run.dir") or a in ("-m", "--multirun") for a in args) and "--cfg" not in args:
+            argv.append(f"hydra.run.dir={run_dir or tmp_path / 'run'}")
+        environ = {"MADMINER_SWEEPER_CACHE": str(test_cache), "PYTHONUNBUFFERED": "1", **(env or {})}
+        if process:
+            cmd = [sys.executable, "-m", "app", *argv]
+            proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, **environ), capture_output=True, text=True,
+                                  timeout=timeout)
+        else:
+            proc = run_in_process(argv, cwd=tmp_path, env=environ)
         proc.out = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.out[-4000:]}")
+            raise AssertionError(f"python -m app {' '.join(argv)} exited {proc.returncode}:\n{proc.out[-4000:]}")
         return proc
 
     return run
+
+
+def run_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m app ARGV`` as ``app.main.main()`` in this process: ``sys.argv``, the working directory and the
+    environment set for the call and restored afterwards, stdout and stderr captured, the exit code taken from the
+    ``SystemExit`` that ends every Hydra command (as the interpreter would: None is 0, a message is printed and 1)."""
+    import contextlib
+    import io
+    import logging
+
+    from app.main import main
+
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_env = {k: os.environ.get(k) for k in env}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    try:
+        sys.argv = ["app", *argv]
+        os.chdir(cwd)
+        os.environ.update(env)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as done:
+                code = done.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            stderr.write(f"{code}\n")
+            code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for handler in logging.getLogger().handlers[:]:  # Hydra's job logging: the run's log file and console
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return subprocess.CompletedProcess(["app", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture
@@ -113,6 +160,18 @@ def physics_file() -> Path:
     if not PHYSICS_FILE.exists():
         pytest.skip(f"{PHYSICS_FILE} not available (needs ../shared beside the checkout)")
     return PHYSICS_FILE
+
+
+SERVICE_FIXTURES = {"postgres_db", "mlflow_server"}  # PostgreSQL at 127.0.0.1:5432, a real `mlflow server`
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
+def pytest_collection_modifyitems(items):
+    """The tiers (README, Tests): a test that needs PostgreSQL or an MLflow server is in the ``services`` tier,
+    whichever fixture brings it; ``slow`` and ``docker`` are marked where the test is."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 def free_port() -> int:

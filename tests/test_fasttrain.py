@@ -197,6 +197,7 @@ def test_nans_and_unsupported_estimators(toy_path, caplog):
                           **data)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_gpu_check_says_no_gpu_without_one():
     import subprocess
     from pathlib import Path

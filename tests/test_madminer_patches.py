@@ -267,6 +267,7 @@ def test_epoch_reports_get_madminers_own_losses_term_by_term(toy_path):
 
 
 # --------------------------------------------------------------------------- Python 3.12
+@pytest.mark.slow
 def test_python312_shim_lets_uproot3_import_without_find_module_and_distutils():
     """The GPU machines' Python 3.12 has neither ``FileFinder.find_module`` nor ``distutils``: madminer's uproot3
     imports fail there. Simulated on 3.11 in a subprocess (both removed), the shim makes them import again; without

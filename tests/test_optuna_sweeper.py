@@ -236,7 +236,8 @@ def _run_sphere(tmp_path: Path, *overrides: str, **kwargs) -> subprocess.Complet
                            *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-@pytest.mark.parametrize("max_failure_rate", [0.5, pytest.param(1.0, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("max_failure_rate", [0.5, 1.0])
 def test_failure_rate_exit_code(tmp_path, max_failure_rate):
     """Hydra's test_failure_rate, with the exit code: over budget, a bare app's command fails with the job's
     error; at 1.0 every trial runs and the command succeeds."""
@@ -252,6 +253,7 @@ def test_failure_rate_exit_code(tmp_path, max_failure_rate):
         assert ran == 20
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_this_invocations_running_trials_only(tmp_path):
     storage = f"sqlite:///{tmp_path}/ctrl-c.db"
     study = optuna.create_study(storage=storage, study_name="sphere")

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_wheel_ships_conf_and_runs_without_the_checkout(tmp_path):
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)],

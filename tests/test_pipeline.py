@@ -153,6 +153,7 @@ def test_help_and_cfg_do_not_import_heavy_modules():
     assert "alices" in help_text and "sally" in help_text
 
 
+@pytest.mark.slow
 def test_tracking_disabled_never_imports_mlflow(tmp_path, cache_dir):
     code = app_checked_at_exit("'MLFLOW', 'mlflow' in sys.modules")
     env = dict(__import__("os").environ, MADMINER_SWEEPER_CACHE=str(cache_dir))

@@ -31,6 +31,7 @@ def _alive(pid: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_tracked_run_never_imports_mlflow_in_its_process(tmp_path, test_cache):
     """The job's process hands everything to the helper; with tracking.background=false it imports MLflow itself."""
     code = app_checked_at_exit("'MLFLOW', 'mlflow' in sys.modules")
@@ -61,6 +62,7 @@ def _job_dir(tmp_path, name: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_calls_are_made_in_order_and_a_failure_is_one_line(tmp_path):
     """A job's end is submitted before its start has been made (handles, not run ids); a failed call is one line
     that names where the job's outputs are, and the later calls of that run add no second line."""
@@ -119,6 +121,7 @@ def test_a_store_that_cannot_be_opened_is_reported_once(tmp_path):
     assert len(errors) == 1 and "is unreachable" in errors[0] and "afile" in errors[0], errors
 
 
+@pytest.mark.slow
 def test_a_helper_that_dies_is_one_line_and_ctrl_c_does_not_reach_it(tmp_path):
     """SIGINT to the helper (a Ctrl-C reaches the whole process group) is ignored; a helper killed otherwise ends
     the calls with one line, once."""
@@ -201,6 +204,7 @@ def test_a_sweep_whose_store_fails_lists_it_and_exits_1(run_app, tmp_path):
     assert all((tmp_path / "sw" / str(i) / "samples" / "x_train.npy").exists() for i in (0, 1))
 
 
+@pytest.mark.slow
 def test_run_times_are_the_jobs_not_the_helpers(run_app, tmp_path):
     """The helper makes the calls later (after importing MLflow; behind the jobs): the runs still start and end when
     the sweep and its jobs did, so the durations the MLflow UI shows are the real ones."""

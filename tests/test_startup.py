@@ -8,16 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import app_checked_at_exit
 
 from app.main import config_dir
 
 CONF = Path(config_dir())
 HEAVY = "'HEAVY', [m for m in ('torch', 'madminer', 'mlflow') if m in sys.modules]"
-# conf/tracking/*.yaml (the tracking engineer's) still pull in /schema/tracking@_here_, so app.config registers it
-# until they drop that line: then `schema` leaves --help and the ConfigStore, and this test holds without the xfail.
-PENDING_SCHEMA = any("/schema/" in p.read_text() for p in CONF.rglob("*.yaml"))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -35,13 +31,10 @@ def test_help_lists_the_groups_of_conf_and_imports_nothing_heavy():
               if ": " in line and not line.startswith(" ")}
     folders = {p.parent.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml") if p.parent != CONF}
     expected = {f for f in folders if not f.startswith("hydra")}
-    assert set(listed) - {"schema"} == expected, listed
+    assert set(listed) == expected, listed
     for group in expected:  # each with its YAML options, as Hydra lists them
         assert listed[group] == ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml"))), group
     assert "training: alice, alices, carl" in text and "== Config ==" in text and "method: alices" in text
-    if PENDING_SCHEMA:
-        pytest.xfail("conf/tracking/*.yaml still pull in /schema/tracking: `schema` is listed")
-    assert "schema" not in listed
 
 
 def test_cfg_job_prints_the_composed_config_and_imports_nothing_heavy():
@@ -60,7 +53,4 @@ def test_config_store_holds_only_what_the_yaml_options_need():
 
     ours = {n for n in names(ConfigStore.instance().repo) if not n.startswith(("hydra/", "_dummy_empty_config_"))}
     expected = {"base_config.yaml", "toy_data_schema.yaml", "file_data_schema.yaml"}
-    assert ours - {"schema/tracking.yaml"} == expected, ours
-    if PENDING_SCHEMA:
-        pytest.xfail("conf/tracking/*.yaml still pull in /schema/tracking")
-    assert ours == expected
+    assert ours == expected, ours

@@ -56,6 +56,7 @@ def test_training_reports_each_loss_term_of_the_saved_model(run_app, tmp_path):
     assert saved["val_loss"] == pytest.approx(saved["val_improved_xe"] + 5 * saved["val_mse_score"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_no_early_stopping_keeps_the_last_epoch(run_app, tmp_path):
     run_app(*TINY, "training.n_epochs=3", "training.early_stopping=false")
     metrics = _metrics(tmp_path / "run")
@@ -98,6 +99,7 @@ def test_a_search_may_not_rank_alpha_with_the_alpha_weighted_loss(run_app, tmp_p
     assert "Traceback" not in proc.out
 
 
+@pytest.mark.slow
 def test_cross_method_best_only_with_a_comparable_metric(run_app, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = run_app("-m", *TINY, "training=alices,sally", "objective.metric=limits_cl68_area",
@@ -186,6 +188,7 @@ def test_a_damaged_cache_entry_is_recomputed(run_app, tmp_path, test_cache):
     assert json.loads((tmp_path / "b" / "run.json").read_text())["cache"]["sample"]["status"] == "computed"
 
 
+@pytest.mark.slow
 def test_given_outputs_must_match_the_run(run_app, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     run_app(*TINY, "evaluation.fisher.enabled=false", run_dir=first)
@@ -204,6 +207,7 @@ def test_given_outputs_must_match_the_run(run_app, tmp_path):
     assert proc.returncode == 2 and "cannot be trusted: file changed: model.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_identical_jobs_at_once_share_one_entry(tmp_path, test_cache):
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache))
     procs = [
@@ -242,6 +246,7 @@ def test_a_failing_trial_does_not_end_the_grid(run_app, tmp_path):
     assert not (tmp_path / "sw" / "0" / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_trial_inside_an_optuna_search(run_app, tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     # a seeded random sampler draws 0.001, 0.001, 1e9 here: one failing trial among three
@@ -272,6 +277,7 @@ def test_a_search_over_its_failure_budget_stops_with_exit_1(run_app, tmp_path):
     assert proc.stderr.count("failed: job 0 ") == 1 and not (tmp_path / "sw" / "1").exists()
 
 
+@pytest.mark.slow
 def test_an_optuna_study_resumes(run_app, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["-m", "hparams_search=alices_optuna", *TINY, "training.n_epochs=1", "hydra.sweeper.n_trials=2",
@@ -292,13 +298,18 @@ def test_an_optuna_study_resumes(run_app, tmp_path):
 
 
 # --------------------------------------------------------------------------- 4. launchers
+@pytest.mark.slow
 def test_joblib_jobs_share_the_cores(run_app, tmp_path):
     proc = run_app("-m", *TINY, "stage=sample", "sampling.seed=1,2", "hydra/launcher=joblib",
                    "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sw")
     cores = len(os.sched_getaffinity(0))
-    assert f"joblib launcher: 2 jobs on {cores} cores, {max(1, cores // 2)} thread(s) per job" in proc.out
+    line = f"joblib launcher: 2 jobs on {cores} cores, {max(1, cores // 2)} thread(s) per job"
+    # the workers log it: their console is the real one, their log files are the job folders' (in any process)
+    logs = sorted((tmp_path / "sw").glob("*/*.log"))
+    assert len(logs) == 2 and all(line in log.read_text() for log in logs), proc.out
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(run_app, tmp_path):
     run_app("-m", *TINY, "stage=sample", "sampling.seed=1,2", "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={tmp_path}/sw", timeout=900)

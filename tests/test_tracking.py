@@ -85,6 +85,7 @@ def test_single_run_params_tags_metrics_artifacts(run_app, tmp_path, sqlite_uri)
     assert dataset.digest == tags["data.sha256"][:16]
 
 
+@pytest.mark.slow
 def test_multirun_is_a_parent_with_children_in_worker_processes(run_app, tmp_path, sqlite_uri):
     run_app(
         "-m", *TINY, "training=alices,sally", f"tracking.uri={sqlite_uri}",
@@ -116,6 +117,7 @@ def test_multirun_is_a_parent_with_children_in_worker_processes(run_app, tmp_pat
     assert len(lines) == 3 and "training.method" in lines[0] and "val_loss" in lines[0]
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_marked_failed(run_app, tmp_path, sqlite_uri):
     proc = run_app(*TINY, "training.n_epochs=0", f"tracking.uri={sqlite_uri}", tracking="local", check=False)
     assert proc.returncode == 2
@@ -142,6 +144,7 @@ def test_failed_jobs_are_marked_failed(run_app, tmp_path, sqlite_uri):
     assert parent.data.tags["n_failed"] == "1"
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed(tmp_path, cache_dir, sqlite_uri):
     env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "app", *TINY, "training.n_epochs=500", "sampling.n_samples=4000",
@@ -158,6 +161,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, cache_dir, sqlite_uri):
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_mlflow(run_app, tmp_path, sqlite_uri):
     run_app(
         *TINY, "evaluation.fisher.enabled=false", f"tracking.uri={sqlite_uri}", f"+vars.db_password={SECRET}",
@@ -212,6 +216,7 @@ def _assert_best_model_reproduces_predictions(uri: str, parent) -> None:
     assert len(versions) == 2  # one version per training
 
 
+@pytest.mark.slow
 def test_registered_models_sqlite(run_app, tmp_path, sqlite_uri):
     run_app("-m", *TINY, "training=sally", "training.n_epochs=1,2", "tracking.register_model=true",
             f"tracking.uri={sqlite_uri}", f"hydra.sweep.dir={tmp_path}/sweep", tracking="local")
@@ -240,6 +245,7 @@ def test_postgres_backed_server(run_app, tmp_path, mlflow_server):
     assert any(a.path == "comparison/comparison.csv" for a in c.list_artifacts(parent.info.run_id, "comparison"))
 
 
+@pytest.mark.slow
 def test_mlproject_main_entry_point(tmp_path, cache_dir):
     """`mlflow run` with MLFLOW_TRACKING_URI (the seed guide's way): one run, in that store, and the line at the end
     names that store, not tracking.uri's default sqlite:///mlflow.db."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.tracking import backend, results
+from app.tracking import backend, redaction, results
 
 
 def test_redact_keys_and_uri_credentials():
@@ -19,7 +19,7 @@ def test_redact_keys_and_uri_credentials():
         "list": ["https://bob:pw@host/x", "fine"],
         "session_token": None,
     }
-    out = backend.redact(tree)
+    out = redaction.redact(tree)
     assert out["db_password"] == "***" and out["session_token"] == "***"
     assert out["nested"] == {"API_KEY": "***", "apikey": "***", "credentials": "***", "ok": 1}
     assert out["uri"] == "postgresql://***@db:5432/mlflow"
@@ -29,7 +29,7 @@ def test_redact_keys_and_uri_credentials():
 
 def test_redact_text_key_value_pairs():
     text = "+vars.db_password=hunter2 training=alices secret: s3cr3t api_key=abc,token=t0k"
-    out = backend.redact_text(text)
+    out = redaction.redact_text(text)
     assert "hunter2" not in out and "s3cr3t" not in out and "abc" not in out and "t0k" not in out
     assert "training=alices" in out and "+vars.db_password=***" in out
 
@@ -88,6 +88,7 @@ def _fresh_http_env(monkeypatch):
     monkeypatch.setattr(backend, "_SET_HERE", set())
 
 
+@pytest.mark.slow
 def test_a_busy_server_is_not_unreachable(monkeypatch):
     """The CI failure of stop 14: eight joblib workers importing torch on 2 cores kept the MLflow server from
     answering the parent's first request within the fast-fail timeout (5 s), and the sweep ended as

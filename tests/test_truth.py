@@ -494,6 +494,7 @@ def test_default_alices_run_reaches_the_log_r_bound_an_untrained_model_does_not(
             assert metrics[f"truth_log_r_mse_at_{name}"] < m[f"truth_log_r_mse_at_{name}"], (seed, name, m)
 
 
+@pytest.mark.slow
 def test_default_sally_run_reaches_the_score_and_limit_bounds(run_app, tmp_path):
     from app.evaluation.truth_metrics import truth_score_metrics
     from app.ml import estimators
@@ -536,6 +537,7 @@ def test_density_method_reports_likelihood_gap(run_app, tmp_path):
     assert (tmp_path / "run" / "plots" / "log_r_vs_truth.png").exists()
 
 
+@pytest.mark.slow
 def test_file_without_truth_has_no_truth_metrics(run_app, tmp_path):
     path = simulator.generate_toy_file(simulator.ToySettings(n_events=4000), tmp_path / "events.h5")
     with h5py.File(path, "a") as f:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI's container test: start a Docker daemon if one can be started here, build the step image without a
-# registry (make image-offline) and run the workflow in it (tests/test_yadage.py -k docker_run).
+# registry (make image-offline) and run the workflow in it (pytest -m docker).
 # Prints exactly one "skipped: no Docker daemon" line (and exits 0) where no daemon can be started;
 # the details of the attempts go to build/dockerd.log.
 set -uo pipefail
@@ -42,7 +42,7 @@ rc=0
 make image-offline || rc=$?
 if [ "$rc" -eq 0 ]; then
   built=$(date +%s)
-  MADMINER_SWEEPER_DOCKER_TEST=1 pytest tests/test_yadage.py -k docker_run -q -p no:cacheprovider || rc=$?
+  MADMINER_SWEEPER_DOCKER_TEST=1 pytest -m docker -q -p no:cacheprovider || rc=$?
   echo "container test: image built in $((built - start)) s, workflow run in $(( $(date +%s) - built )) s"
 fi
 if [ -f build/dockerd.pid ]; then

@@ -368,6 +368,3 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for kind, node in DATA_KINDS.items():
         cs.store(name=f"{kind}_data_schema", node=node)  # conf/data/KIND.yaml: - /KIND_data_schema@_here_
-    # Transitional: conf/tracking/*.yaml still pull in /schema/tracking@_here_ (the tracking engineer's files);
-    # base_config types the tracking group already. Remove this line with theirs: it puts `schema` in --help.
-    cs.store(group="schema", name="tracking", node=TrackingConfig)

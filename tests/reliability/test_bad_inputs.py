@@ -162,6 +162,13 @@ class Case:
     max_seconds: float | None = None
     traceback: bool = False  # HYDRA_FULL_ERROR=1 rows: the traceback is wanted
 
+    @property
+    def marks(self) -> list:
+        """The slow tier for rows that import MLflow, run under a resource limit or open Optuna's storage (3-6 s
+        each); the others fail before any work, in under a second."""
+        slow = self.tracking or self.runner or any(a.startswith("hparams_search=") for a in self.args)
+        return [pytest.mark.slow] if slow else []
+
 
 CASES = [
     # ---- the event file: every way it can fail to be what it claims
@@ -334,7 +341,7 @@ def _half_results(run_dir: Path) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input(case: Case, tmp_path, cache_dir, toy_file):
     port = str(_free_port())
     def fill(text: str) -> str:  # not str.format: overrides such as {type:benchmark} hold braces

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from app.tracking import backend
+from app.tracking import redaction
 
 SECRET = "Zq7-not-for-mlflow"
 ENV_SECRET = "Zq8-from-the-environment"
@@ -76,17 +76,17 @@ def _mlflow_texts(uri: str) -> tuple[dict[str, str], list]:
 
 
 def test_secret_keys_and_uri_credentials_are_redacted():
-    assert backend.redact({"ssh_key": "a", "key": "b", "keys": [1], "monkey": 2, "exclude_keys": []}) == {
+    assert redaction.redact({"ssh_key": "a", "key": "b", "keys": [1], "monkey": 2, "exclude_keys": []}) == {
         "ssh_key": "***", "key": "***", "keys": [1], "monkey": 2, "exclude_keys": []}
     line = r"#0 : +vars.ssh_key=abc monkey=3 tracking.uri=postgresql\://bob\:pw@db:5432/x Storage: http://u:p@h/"
-    assert backend.redact_text(line) == (
+    assert redaction.redact_text(line) == (
         r"#0 : +vars.ssh_key=*** monkey=3 tracking.uri=postgresql\://***@db:5432/x Storage: http://***@h/"
     )
 
 
 def test_log_records_are_redacted_whatever_the_handlers(caplog):
-    backend.redact_log_records()
-    backend.redact_log_records()  # once per process, however often called
+    redaction.redact_log_records()
+    redaction.redact_log_records()  # once per process, however often called
     with caplog.at_level(logging.INFO, logger="app.test"):
         logging.getLogger("app.test").info("Storage: %s, %s", "postgresql://bob:pw@db/x", "api_token=abc")
     assert caplog.records[0].getMessage() == "Storage: postgresql://***@db/x, api_token=***"
@@ -95,6 +95,7 @@ def test_log_records_are_redacted_whatever_the_handlers(caplog):
     assert record.msg == "bad %d"
 
 
+@pytest.mark.slow
 def test_secrets_in_overrides_reach_no_param_tag_artifact_log_or_database(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = _run(tmp_path, cache_dir, *TINY, "evaluation.fisher.enabled=false", "tracking=local",
@@ -200,10 +201,19 @@ def test_secrets_stay_out_of_the_yadage_workflow(tmp_path, cache_dir, postgres_d
     cmd = [sys.executable, "-m", "app.workflow", "run", "--workdir", str(tmp_path / "wf"), "--tracking-uri", uri,
            "--methods", "alices", *TINY, "training.model_dir=/nonexistent/model", *_secret_overrides()]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 1 and "step training (alices) failed" in proc.stderr, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-6000:]
+    # the failing step: one line from the runner, its run and the parent FAILED with the reason, no later step
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step training (alices) failed: training.model_dir=/nonexistent/model cannot be "
+                           "trusted"), last
     texts, runs = _mlflow_texts(uri)
     status = {r.info.run_name: r.info.status for r in runs}
-    assert sorted(status.values()) == ["FAILED", "FAILED", "FINISHED"], status  # the parent, train; sample
+    parent = next(r for r in runs if r.data.tags.get("kind") == "workflow")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_step"] == "training (alices)"
+    assert "training.model_dir=/nonexistent/model cannot be trusted" in parent.data.tags["error"]
+    assert {k: v for k, v in status.items() if k != parent.info.run_name} == {
+        "sample-alices": "FINISHED", "train-alices": "FAILED"}, status
+    assert not (tmp_path / "wf" / "evaluating_0").exists()
     sampled = status and [r for r in runs if r.info.run_name == "sample-alices"][0].data.params
     # the values did reach the steps (the redacted URI keeps its host; the dict was decoded back to one)
     assert sampled["vars.store"] == "postgresql://***@db.example/events" and sampled["vars.nested.token"] == "***"

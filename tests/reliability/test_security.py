@@ -31,6 +31,7 @@ def _project_texts() -> dict[str, str]:
             and f.suffix not in (".pyc", ".png", ".h5")}
 
 
+@pytest.mark.slow
 def test_every_server_binds_localhost():
     from mlflow.cli import cli
 
@@ -61,6 +62,7 @@ HOSTILE = "x \"a b\" 'c d' ; touch {m}1 | touch {m}2 $(touch {m}3) `touch {m}4` 
     "entry,param",
     [("main", "overrides"), ("train", "samples_dir")],
 )
+@pytest.mark.slow
 def test_mlproject_parameters_are_data_not_shell(tmp_path, cache_dir, entry, param):
     """A parameter holding spaces, quotes, ;, |, $(...), backticks, && and > executes nothing: MLflow quotes it
     into `sh -c '...' VALUE`, where it is only split into words (globbing off) and handed to Hydra."""
@@ -91,6 +93,7 @@ def test_mlproject_parameters_are_data_not_shell(tmp_path, cache_dir, entry, par
     assert runs[0].data.params[param] == shlex.quote(value)  # MLflow quoted it for the shell: one word
 
 
+@pytest.mark.slow
 def test_a_model_file_holding_code_executes_nothing(run_app, tmp_path):
     """torch.load of a model file is weights_only=True (app.ml.estimators): a pickled call is refused in one line."""
     import torch
