@@ -88,6 +88,8 @@ def run_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subproces
     from app.main import main
 
     saved_argv, saved_cwd = sys.argv, os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level  # pytest's own (caplog) among them
     saved_env = {k: os.environ.get(k) for k in env}
     stdout, stderr = io.StringIO(), io.StringIO()
     code: int | str | None = 0
@@ -113,9 +115,14 @@ def run_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subproces
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for handler in logging.getLogger().handlers[:]:  # Hydra's job logging: the run's log file and console
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        for handler in root.handlers[:]:  # Hydra's job logging (the run's log file and console) replaced them
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in saved_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved_level)
     return subprocess.CompletedProcess(["app", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
