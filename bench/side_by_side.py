@@ -28,13 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from seed_scenario import DEFAULT_DATA as PHYSICS  # bench/ is the script's folder, first on sys.path
+from seed_scenario import project
+from startup import with_src
+
 REPO = Path(__file__).resolve().parents[1]
-PHYSICS = REPO.parent / "shared" / "data" / "madminer_physics_sample.h5"
 ALPHAS = ",".join(str(2**i) for i in range(8))
 COMMANDS = {
     "default": ["cache.enabled=false", "hydra.run.dir={work}/run"],
-    "seed": ["-m", "+experiment=seed_workflow", "training=alice,alices,sally", "data=file", f"data.path={PHYSICS}",
-             "hydra.sweep.dir={work}/sweep"],
+    "seed": None,  # seed_scenario.project: the seed scenario's command, as bench/seed_scenario.py times it
     "sweep": ["-m", f"training.alpha={ALPHAS}", "tracking=local", "evaluation.grid.resolutions=15",
               "hydra.sweep.dir={work}/sweep"],
     "joblib": ["-m", f"training.alpha={ALPHAS}", "tracking=local", "evaluation.grid.resolutions=15",
@@ -43,12 +45,13 @@ COMMANDS = {
 
 
 def environment(src: Path, cache: Path) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
-                MADMINER_SWEEPER_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    return dict(with_src(src), MADMINER_SWEEPER_CACHE=str(cache), PYTHONUNBUFFERED="1")
 
 
-def timed(args: list[str], work: Path, env: dict[str, str]) -> float:
+def timed(args: list[str] | None, work: Path, env: dict[str, str]) -> float:
     work.mkdir(parents=True)
+    if args is None:
+        return project(PHYSICS, work, env)[0]
     cmd = [sys.executable, "-m", "app", *(a.replace("{work}", str(work)) for a in args)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
