@@ -120,7 +120,7 @@ def expected_limits(
         if truth is not None:
             variant = (mode != "rate", bool(include_xsec))
             if variant not in true_limits:
-                true_limits[variant] = _true_limits(cfg, limits, truth, theta_grid, true_point, *variant)
+                true_limits[variant] = _true_limits(cfg, limits, truth, theta_grid, true_point, *variant, llr_rate)
             exact = true_limits[variant]
             estimated = np.broadcast_to(np.asarray(llr_kin + llr_rate, dtype=np.float64), p_values.shape)
             np.save(tmp / f"log_likelihood_{key}.npy", estimated)
@@ -159,10 +159,16 @@ def _memoised(limits, kwargs: dict, seed: int, memo) -> tuple:
     return tuple(found[name] for name in LIMIT_RESULTS)
 
 
+def expected_events(cfg: DictConfig, limits, true_point: np.ndarray) -> tuple[float, float]:
+    """(n, sigma): the expected number of events at theta_true, L x sigma with MadMiner's Monte Carlo cross section
+    of the test partition, as AsymptoticLimits computes it (``_calculate_xsecs`` with its default test split)."""
+    xsec = float(limits._calculate_xsecs([true_point])[0])
+    return cfg.evaluation.luminosity * xsec, xsec
+
+
 def log_expected_events(cfg: DictConfig, limits, true_point: np.ndarray) -> None:
     """The expected number of events at theta_true (L x sigma, MadMiner's test-partition cross section)."""
-    xsec = float(limits._calculate_xsecs([true_point])[0])  # as AsymptoticLimits computes it
-    n_events = cfg.evaluation.luminosity * xsec
+    n_events, xsec = expected_events(cfg, limits, true_point)
     log.info(
         "expected events at theta_true: %.4g (luminosity %.4g pb^-1 x cross section %.4g pb)",
         n_events,
@@ -177,8 +183,18 @@ def log_expected_events(cfg: DictConfig, limits, true_point: np.ndarray) -> None
         )
 
 
-def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, include_xsec: bool):
-    """The true expected limits on the same Asimov data (test-partition events reweighted to theta_true)."""
+def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, include_xsec: bool, llr_rate):
+    """The true expected limits on the same Asimov data (test-partition events reweighted to theta_true).
+
+    A kinematic limit's truth keeps MadMiner's event count n and rate term ``llr_rate`` (both from its Monte Carlo
+    cross section) and replaces only the kinematic log-likelihood, the part an estimator estimates, by the exact
+    one: an exact estimator reaches IoU 1. The rate limit's truth is the exact cross section (its IoU measures
+    MadMiner's Monte Carlo sigma(theta), the only thing that limit estimates).
+    """
+    shared = {}
+    if kinematics:
+        shared["n_events"] = expected_events(cfg, limits, true_point)[0]
+        shared["log_rate"] = llr_rate if include_xsec else None
     x_asimov, weights = limits._asimov_data(
         true_point,
         test_split=cfg.sampling.test_split,
@@ -192,4 +208,5 @@ def _true_limits(cfg, limits, truth, theta_grid, true_point, kinematics: bool, i
         luminosity=cfg.evaluation.luminosity,
         include_kinematics=kinematics,
         include_xsec=include_xsec,
+        **shared,
     )

@@ -24,6 +24,9 @@ reweighted to theta_true), n = luminosity * sigma(theta_true) expected events an
                    + log Poisson(round(n) | luminosity * sigma(theta))         [rate]
     q(theta) = -2 [log L(theta) - max_grid log L],   p(theta) = chi2.sf(q, dof = n_parameters).
 
+Here sigma is exact; the evaluate stage gives a kinematic limit's truth MadMiner's own n and rate term (its Monte
+Carlo sigma of the test partition), so truth and estimate differ only in the kinematic term.
+
 Everything is vectorised NumPy (SciPy for the Poisson and chi^2 functions); grid evaluations work in
 chunks of events: 10^5 events x 625 grid points take about 2 s on 2 cores. No MadMiner or torch import.
 """
@@ -170,25 +173,36 @@ class ToyTruth:
         include_kinematics: bool = True,
         include_xsec: bool = True,
         dof: int | None = None,
+        n_events: float | None = None,
+        log_rate=None,
     ) -> ExpectedLimits:
         """Expected p-values on ``thetas`` with the true likelihood (MadMiner's AsymptoticLimits statistic).
 
         ``x_asimov``/``weights``: the Asimov data (MadMiner: ``AsymptoticLimits._asimov_data(theta_true)``,
         the test-partition events reweighted to theta_true). ``include_kinematics=False`` is MadMiner's
         ``mode="rate"``; ``include_xsec=False`` its kinematics-only variants.
+
+        ``n_events`` (default: the exact luminosity * sigma(theta_true)) and ``log_rate`` (default: the Poisson term
+        of the exact sigma(theta) on ``thetas``) replace the exact event count and rate term by given ones: the
+        evaluate stage passes MadMiner's (its Monte Carlo cross section of the test partition), so that the truth
+        differs from an estimated limit only in the kinematic log-likelihood, the part an estimator estimates.
         """
         from scipy.stats import chi2, poisson
 
         if not (include_kinematics or include_xsec):
             raise ValueError("expected_limits needs the kinematics, the rate or both")
         thetas = np.asarray(thetas, dtype=np.float64).reshape(-1, self.n_parameters)
-        n_events = float(luminosity * self.cross_section(theta_true))
+        if n_events is None:
+            n_events = float(luminosity * self.cross_section(theta_true))
         log_kin = np.zeros(len(thetas))
-        log_rate = np.zeros(len(thetas))
         if include_kinematics:
             log_kin = n_events * self.expected_log_likelihood(thetas, x_asimov, weights)
-        if include_xsec:
+        if include_xsec and log_rate is None:
             log_rate = poisson.logpmf(k=int(np.round(n_events)), mu=luminosity * self.cross_section(thetas))
+        elif include_xsec:
+            log_rate = np.broadcast_to(np.asarray(log_rate, dtype=np.float64), (len(thetas),)).copy()
+        else:
+            log_rate = np.zeros(len(thetas))
         log_l = log_kin + log_rate
         i_ml = int(np.argmax(log_l))
         log_r = log_l - log_l[i_ml]
