@@ -7,7 +7,7 @@ import pytest
 
 from app.domain import metrics
 from app.domain.methods import METHODS
-from app.domain.stats import CL68_P_VALUE, region_size
+from app.domain.stats import cl_regions, q_threshold
 from app.errors import UserError
 
 
@@ -75,17 +75,43 @@ def test_best_is_per_method_when_methods_are_not_comparable():
     assert overall.run_id == "r0"  # the largest IoU
 
 
-def test_region_size_is_interpolated_not_a_cell_count():
-    # a Gaussian p-value surface whose 68 % CL region is a disc of known area
-    for n in (9, 25):
-        xs = np.linspace(-5, 5, n)
-        grid = np.array([(a, b) for a in xs for b in xs])
-        p = np.exp(-(grid**2).sum(1) / 8)
-        radius2 = -8 * np.log(CL68_P_VALUE)
-        area = region_size(grid, p)
-        cells = np.mean(p > CL68_P_VALUE) * 100
-        assert area == pytest.approx(np.pi * radius2, rel=0.03 if n == 25 else 0.08)
-        if n == 9:  # the cell count is far off on a coarse grid; the interpolated area is not
-            assert abs(cells - np.pi * radius2) > 3 * abs(area - np.pi * radius2)
+def _gaussian_log_l(grid, sigma, rho, mu):
+    cov = np.array([[sigma[0] ** 2, rho * sigma[0] * sigma[1]], [rho * sigma[0] * sigma[1], sigma[1] ** 2]])
+    d = grid - np.asarray(mu)
+    return -0.5 * np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov), d), np.pi * q_threshold(dof=2) * np.sqrt(
+        np.linalg.det(cov)
+    )
+
+
+def test_cl_region_area_is_the_analytic_area_of_a_gaussian_log_likelihood():
+    """A Gaussian log L has the ellipse pi q68 sqrt(det cov) as its 68 % CL region. Before (bilinear p-values on an
+    8x finer grid) a region smaller than a grid cell came out 57 % too large, and log L x 2 (an overconfident
+    estimator) shrank it to 0.62 or even grew it; from splines of log L it is exact and halves."""
+    xs = np.linspace(-5, 5, 25)  # the default grid: spacing 0.42
+    grid = np.array([(a, b) for a in xs for b in xs])
+    for sigma, rho, mu in (((0.35, 0.25), 0.5, (0.1, -0.2)), ((0.6, 0.4), -0.3, (0.0, 0.0)), ((1.5, 1.0), 0, (0.3, 0))):
+        log_l, exact = _gaussian_log_l(grid, sigma, rho, mu)
+        region = cl_regions(grid, [log_l + 3.0, 2 * log_l])  # a constant offset does not matter
+        assert region.size(0) == pytest.approx(exact, rel=0.01), sigma
+        assert region.size(1) == pytest.approx(exact / 2, rel=0.01), sigma
+        assert region.touches_edge == [False, False]
+    # the cell count is far off on a coarse grid; the interpolated area is not
+    coarse = np.array([(a, b) for a in np.linspace(-5, 5, 9) for b in np.linspace(-5, 5, 9)])
+    log_l, exact = _gaussian_log_l(coarse, (1.0, 1.0), 0.0, (0.0, 0.0))
+    cells = np.mean(-2 * log_l < q_threshold(dof=2)) * 100
+    assert cl_regions(coarse, [log_l]).size() == pytest.approx(exact, rel=0.01) and abs(cells / exact - 1) > 0.1
+    # one parameter: |x - 1| < sigma (q68 = 1 for one degree of freedom)
+    line = np.linspace(-5, 5, 25)[:, None]
+    assert cl_regions(line, [-0.5 * ((line[:, 0] - 1) / 0.3) ** 2]).size() == pytest.approx(0.6, rel=0.01)
+
+
+def test_cl_region_reaching_the_grid_edge_is_flagged():
     xs = np.linspace(-5, 5, 25)
-    assert region_size(xs[:, None], np.exp(-xs**2 / 8)) == pytest.approx(2 * np.sqrt(radius2), rel=0.01)
+    grid = np.array([(a, b) for a in xs for b in xs])
+    log_l, exact = _gaussian_log_l(grid, (1.0, 1.0), 0.0, (4.5, 0.0))  # the ellipse is cut at theta_0 = 5
+    region = cl_regions(grid, [log_l, _gaussian_log_l(grid, (1.0, 1.0), 0.0, (0.0, 0.0))[0]])
+    assert region.touches_edge == [True, False]
+    assert region.size(0) < 0.8 * exact and region.size(1) == pytest.approx(exact, rel=0.01)
+    assert cl_regions(grid[:, :1][::25], [-0.5 * (xs + 4.8) ** 2]).touches_edge == [True]
+    # a flat direction (the rate alone constrains one combination of the parameters): a band across the grid
+    assert cl_regions(grid, [-0.5 * ((grid[:, 0] + grid[:, 1]) / 0.5) ** 2]).touches_edge == [True]

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import TINY
 
+from app.domain.stats import q_threshold
 from app.toy import simulator
-from app.toy.truth import ToyTruth, compare_regions, q_threshold, refine
+from app.toy.truth import ToyTruth, compare_regions, refine
 
 # --------------------------------------------------------------------------- bounds (see docs/toy.md)
 # Measured on CPU (2 cores, torch 2.13) with the default configuration; "untrained" = the same network

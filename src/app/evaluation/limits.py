@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.domain.datafile import FileInfo
 from app.domain.methods import LIMIT_MODES, MODEL_MODES, THETAREF_MODES, Method
-from app.domain.stats import CL68_P_VALUE, region_size
+from app.domain.stats import CL68_P_VALUE, cl_regions
 from app.domain.theta import grid_ranges, grid_resolutions, theta_true, training_point
 from app.domain.validate import limit_modes
 from app.ml import madminer_patches
@@ -109,7 +109,17 @@ def expected_limits(
         np.save(tmp / f"p_values_{key}.npy", p_values)
         np.save(tmp / f"best_fit_{key}.npy", theta_grid[i_ml])
         metrics[f"limits_{key}_cl68_fraction"] = float(np.mean(p_values > CL68_P_VALUE))
-        metrics[f"limits_{key}_cl68_area"] = region_size(theta_grid, p_values)
+        estimated = np.broadcast_to(np.asarray(llr_kin + llr_rate, dtype=np.float64), p_values.shape)
+        region = cl_regions(theta_grid, [estimated])
+        metrics[f"limits_{key}_cl68_area"] = region.size()
+        metrics[f"limits_{key}_cl68_touches_edge"] = float(region.touches_edge[0])
+        if region.touches_edge[0]:
+            log.warning(
+                "limits %s: the 68%% CL region reaches the edge of the grid, so its area %.3g is only a lower bound; "
+                "widen evaluation.grid.ranges",
+                key,
+                region.size(),
+            )
         metrics[f"limits_{key}_best_fit_distance"] = float(np.linalg.norm(theta_grid[i_ml] - true_point))
         log.info(
             "limits %-10s 68%% CL covers %.1f%% of the grid, best fit %s",
@@ -122,7 +132,6 @@ def expected_limits(
             if variant not in true_limits:
                 true_limits[variant] = _true_limits(cfg, limits, truth, theta_grid, true_point, *variant, llr_rate)
             exact = true_limits[variant]
-            estimated = np.broadcast_to(np.asarray(llr_kin + llr_rate, dtype=np.float64), p_values.shape)
             np.save(tmp / f"log_likelihood_{key}.npy", estimated)
             np.save(tmp / f"truth_log_likelihood_{key}.npy", exact.log_likelihood)
             np.save(tmp / f"truth_p_values_{key}.npy", exact.p_values)

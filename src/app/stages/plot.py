@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.domain.stats import CL68_P_VALUE, CL95_P_VALUE
+from app.domain.stats import CL68_P_VALUE, CL95_P_VALUE, q_threshold
 from app.store.files import atomic_dir, read_json
-from app.toy.truth import q_threshold, refine
+from app.toy.truth import refine
 
 
 def run(results_dir: Path, model_dir: Path | None, out_dir: Path, parameter_names: list[str]) -> Path:

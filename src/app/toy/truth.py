@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.domain.stats import CL68
+from app.domain.stats import CL68, cl_regions, grid_axes, grid_spline, mesh
 from app.toy import simulator
 
 CHUNK_ELEMENTS = 1 << 22  # grid evaluations work on at most this many (theta, event) pairs at once
@@ -226,53 +226,11 @@ class ExpectedLimits:
 
 
 # --------------------------------------------------------------------------- comparing limits
-def q_threshold(cl: float = CL68, dof: int = 2) -> float:
-    """-2 log r below which a point lies inside the CL region (p-value > 1 - cl)."""
-    from scipy.stats import chi2
-
-    return float(chi2.ppf(cl, df=dof))
-
-
-def _axes(grid: np.ndarray) -> list[np.ndarray]:
-    axes = [np.unique(grid[:, i]) for i in range(grid.shape[1])]
-    if grid.ndim != 2 or grid.shape[1] > 2 or np.prod([len(a) for a in axes]) != len(grid):
-        raise ValueError("a regular 1-D or 2-D grid as made by MadMiner's AsymptoticLimits is needed")
-    return axes
-
-
-def _spline(grid: np.ndarray, values: np.ndarray):
-    """Cubic-spline interpolant (linear where an axis has fewer than 4 points) of values on a regular grid
-    (MadMiner's order: the last parameter varies fastest); returns f(axes) -> values on their mesh, raveled."""
-    grid = np.asarray(grid, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    axes = _axes(grid)
-    if grid.shape[1] == 1:
-        from scipy.interpolate import make_interp_spline
-
-        order = np.argsort(grid[:, 0])
-        spline = make_interp_spline(grid[order, 0], values[order], k=min(3, len(axes[0]) - 1))
-        return lambda new_axes: spline(new_axes[0])
-    from scipy.interpolate import RectBivariateSpline
-
-    spline = RectBivariateSpline(
-        axes[0],
-        axes[1],
-        values.reshape(len(axes[0]), len(axes[1])),
-        kx=min(3, len(axes[0]) - 1),
-        ky=min(3, len(axes[1]) - 1),
-    )
-    return lambda new_axes: spline(*new_axes).ravel()
-
-
-def _mesh(axes: list[np.ndarray]) -> np.ndarray:
-    return np.stack([m.ravel() for m in np.meshgrid(*axes, indexing="ij")], axis=1)
-
-
 def refine(grid: np.ndarray, values: np.ndarray, factor: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Interpolate ``values`` on a regular grid onto a ``factor`` times finer one: (fine grid, values)."""
-    axes = _axes(np.asarray(grid, dtype=np.float64))
+    axes = grid_axes(np.asarray(grid, dtype=np.float64))
     fine_axes = [np.linspace(a[0], a[-1], (len(a) - 1) * factor + 1) if len(a) > 1 else a for a in axes]
-    return _mesh(fine_axes), _spline(grid, values)(fine_axes)
+    return mesh(fine_axes), grid_spline(grid, values)(fine_axes)
 
 
 def compare_regions(
@@ -280,33 +238,13 @@ def compare_regions(
 ) -> tuple[float, float]:
     """Intersection over union of the estimated and true CL regions, and the distance between the best fits.
 
-    Both log-likelihoods (any constant offset) are given on the evaluation grid and interpolated with cubic
-    splines; a region is {theta: -2 [log L(theta) - max log L] < chi2_ppf(cl, dof = number of parameters)}
-    (MadMiner's p-value > 1 - cl). Areas are counted on an ``n_zoom``-point-per-axis grid spanning the union
-    of both regions (plus one grid spacing), so the metric resolves regions smaller than a grid cell.
+    Both log-likelihoods (any constant offset) are given on the evaluation grid; the regions are those of
+    :func:`app.domain.stats.cl_regions` (cubic splines, counted on an ``n_zoom``-point-per-axis grid spanning the
+    union of both regions plus one grid spacing), so the metric resolves regions smaller than a grid cell.
     """
-    grid = np.asarray(grid, dtype=np.float64)
-    threshold = q_threshold(cl, grid.shape[1])
-    splines = [_spline(grid, v) for v in (log_l_estimated, log_l_true)]
-    axes = _axes(grid)
-
-    def regions(new_axes):
-        values = [f(new_axes) for f in splines]
-        inside = [-2.0 * (v - v.max()) < threshold for v in values]
-        return values, inside
-
-    # 1. locate the regions on an 8x finer grid; 2. count areas on a zoomed grid around them
-    coarse_axes = [np.linspace(a[0], a[-1], (len(a) - 1) * 8 + 1) if len(a) > 1 else a for a in axes]
-    _, inside = regions(coarse_axes)
-    points = _mesh(coarse_axes)[inside[0] | inside[1]]
-    zoom_axes = []
-    for i, a in enumerate(axes):
-        step = (a[-1] - a[0]) / max(1, len(a) - 1)
-        lo, hi = max(a[0], points[:, i].min() - step), min(a[-1], points[:, i].max() + step)
-        zoom_axes.append(np.linspace(lo, hi, n_zoom) if hi > lo else np.array([lo]))
-    values, inside = regions(zoom_axes)
-    union = np.sum(inside[0] | inside[1])
-    iou = 1.0 if union == 0 else float(np.sum(inside[0] & inside[1]) / union)
-    mesh = _mesh(zoom_axes)
-    distance = float(np.linalg.norm(mesh[np.argmax(values[0])] - mesh[np.argmax(values[1])]))
-    return iou, distance
+    found = cl_regions(grid, [log_l_estimated, log_l_true], cl, n_zoom)
+    estimated, true = found.inside
+    union = np.sum(estimated | true)
+    iou = 1.0 if union == 0 else float(np.sum(estimated & true) / union)
+    best = [found.points[np.argmax(v)] for v in found.values]
+    return iou, float(np.linalg.norm(best[0] - best[1]))
