@@ -115,3 +115,24 @@ def test_cl_region_reaching_the_grid_edge_is_flagged():
     assert cl_regions(grid[:, :1][::25], [-0.5 * (xs + 4.8) ** 2]).touches_edge == [True]
     # a flat direction (the rate alone constrains one combination of the parameters): a band across the grid
     assert cl_regions(grid, [-0.5 * ((grid[:, 0] + grid[:, 1]) / 0.5) ** 2]).touches_edge == [True]
+
+
+def test_methods_search_ranks_by_truth_iou_and_refuses_it_without_truth(compose_app, tmp_path, physics_file):
+    """hparams_search=methods ranks methods by truth_limits_iou on the toy (an overconfident estimator, log r x 2,
+    scores 0.50 against the exact 1.0: tests/test_truth.py), not by limits_cl68_area, which it halves. A file
+    without an exact likelihood refuses a truth objective in one line, before any work."""
+    from app import pipeline
+
+    cfg = compose_app("hparams_search=methods")
+    assert (cfg.objective.metric, cfg.objective.direction) == ("truth_limits_iou", "maximize")
+    assert metrics.objective(cfg.objective.metric, cfg.objective.direction, "alices") == (
+        "truth_limits_iou", "maximize")
+    path = physics_file  # a MadMiner file of a physics process: no exact likelihood
+    cfg = compose_app("hparams_search=methods", "data=file", f"data.path={path}", run_dir=tmp_path / "file")
+    with pytest.raises(UserError, match=rf"truth_limits_iou .* {path.name} .* use objective.metric=null") as err:
+        pipeline.run(cfg)
+    assert "\n" not in str(err.value) and not (tmp_path / "file" / "run.json").exists()
+    cfg = compose_app("data=file", f"data.path={path}", "objective.metric=truth_log_r_mse", "evaluation.truth=false",
+                      run_dir=tmp_path / "off")
+    with pytest.raises(UserError, match="evaluation.truth=false"):
+        pipeline.run(cfg)

@@ -24,6 +24,7 @@ from app.errors import UserError
 from app.stages import evaluate, plot, sample, train
 from app.store import cache, provenance
 from app.store.files import atomic_dir, read_json, update_json
+from app.toy.truth import ToyTruth
 
 log = logging.getLogger("app")
 
@@ -50,6 +51,8 @@ def run(cfg: DictConfig) -> float | None:
         method = check_config(cfg, info)
     objective = metric_table.objective(cfg.objective.metric, cfg.objective.direction, method.name)
     _check_search_objective(hydra_cfg, objective[0])
+    if "evaluate" in stages:
+        _check_truth_objective(cfg, info, objective[0])
     log.info(
         "data: %s (%d events; parameters %s; observables %s)",
         info.path,
@@ -257,6 +260,21 @@ def _check_search_objective(hydra_cfg, metric: str) -> None:
             f"objective.metric={metric} depends on training.alpha, which this search tunes (it would favour small "
             "alpha whatever the estimator); use objective.metric=val_<loss term> (e.g. val_improved_xe), "
             "limits_cl68_area or a truth_* metric"
+        )
+
+
+def _check_truth_objective(cfg: DictConfig, info, metric: str) -> None:
+    """A truth_* objective needs the toy's exact likelihood: refused before any work on a file without it."""
+    if not metric.startswith("truth_"):
+        return
+    if not cfg.evaluation.truth:
+        raise UserError(f"objective.metric={metric} is a truth metric, which evaluation.truth=false turns off; "
+                        "set evaluation.truth=true or objective.metric=null")
+    if ToyTruth.from_file(info.path) is None:
+        raise UserError(
+            f"objective.metric={metric} compares with the toy's exact likelihood, which {info.path.name} (not a toy "
+            "file) does not have; use objective.metric=null (each method's own validation loss term, the best "
+            "trial per method)"
         )
 
 

@@ -5,8 +5,9 @@ thing: the total training loss ``val_loss`` is ``first term + alpha * score term
 whatever the estimator), the loss terms of different methods are different functions, and the validation
 samples must be the same draw. Each metric here says which trials it is comparable across:
 
-- ``all``: every method (the ``truth_*`` metrics of the toy, the limit strength ``limits_cl68_area``, the
-  estimator-independent Fisher information);
+- ``all``: every method (the ``truth_*`` metrics of the toy, the limit area ``limits_cl68_area``, the
+  estimator-independent Fisher information), with the caveats of each row (a truth_log_r_mse needs the same
+  reference point; an area rewards overconfidence, so it never ranks estimators alone);
 - ``term``: methods of one family that report this loss term, on the same validation samples (``val_improved_xe``
   is the same function for ALICE and ALICES, whatever their alpha);
 - ``family``: methods of one family (``fisher_full_*`` for score methods);
@@ -50,21 +51,28 @@ TABLE: tuple[MetricSpec, ...] = (
     MetricSpec(r"(val|train)_loss", "minimize", "setting",
                "the total loss first term + alpha * score term of the saved model: depends on alpha"),
     MetricSpec(r"truth_log_r_mse(_at_\w+)?", "minimize", "all",
-               "toy only: mean squared error of the estimated vs the exact log r(x|theta, theta1)"),
+               "toy only: mean squared error of the estimated vs the exact log r(x|theta, theta_ref); theta_ref is "
+               "theta1 (sampling.theta1) for parameterized ratio estimators, theta_true for double-parameterized "
+               "ones, the origin for density estimators: comparable across methods only where these coincide"),
     MetricSpec(r"truth_log_r_corr", "maximize", "all", "toy only: correlation of estimated and exact log r"),
     MetricSpec(r"truth_score_mse", "minimize", "all", "toy only: MSE of the estimated vs the exact score"),
     MetricSpec(r"truth_score_corr", "maximize", "all", "toy only: correlation of estimated and exact score"),
     MetricSpec(r"truth_log_likelihood_gap", "minimize", "all", "toy only: KL(p || p_hat) estimate at theta_true"),
     MetricSpec(r"truth_limits_iou", "maximize", "all",
-               "toy only: IoU of the method's own 68% CL region (with xsec) and the true one"),
+               "toy only: IoU of the method's own 68% CL region (with xsec) and the true one on the same Asimov data, "
+               "event count and rate term (1 for an exact estimator); the objective that ranks methods on the toy"),
     MetricSpec(r"truth_limits_\w+_iou", "maximize", "all",
-               "toy only: IoU of one mode's 68% CL region and the true one"),
+               "toy only: IoU of one mode's 68% CL region and the true one; histo/sally/sallino also lose the "
+               "information of their summary; rate compares MadMiner's Monte Carlo sigma(theta) with the exact one"),
     MetricSpec(r"truth_limits_\w+_best_fit_distance", "minimize", "all",
                "toy only: distance of the estimated and the true best fit"),
     MetricSpec(r"limits_cl68_area", "minimize", "all",
-               "area (length, volume) of the method's own 68% CL region in parameter units, interpolated; smaller "
-               "is stronger, but only an honest estimator's region is worth having (check truth_limits_iou)"),
+               "area (length) of the method's own 68% CL region in parameter units, from splines of log L; smaller "
+               "is stronger only for an honest estimator: an overconfident one (log r x 2) halves it, so never rank "
+               "estimators with it alone (on the toy: truth_limits_iou); a lower bound where it touches the edge"),
     MetricSpec(r"limits_\w+_cl68_area", "minimize", "all", "the same area for one limit mode"),
+    MetricSpec(r"limits_\w+_cl68_touches_edge", "", "run",
+               "1 if the 68% CL region reaches the grid's edge (its area is then a lower bound; widen the grid)"),
     MetricSpec(r"limits_\w+_cl68_fraction", "", "run", "fraction of grid cells inside the 68% CL region"),
     MetricSpec(r"limits_\w+_best_fit_distance", "", "run", "distance of the best fit from theta_true"),
     MetricSpec(r"fisher_rate_eigenvalue", "maximize", "all",
@@ -147,7 +155,7 @@ def comparable(metric: str, children: list[Child]) -> tuple[bool, str]:
         families = sorted({METHODS[m].family for m in methods})
         if len(families) > 1:
             return False, (f"{metric} is a loss term, a different function in each family "
-                           f"({', '.join(families)}); rank methods with limits_cl68_area or truth_* metrics")
+                           f"({', '.join(families)}); rank methods with truth_limits_iou on the toy")
         if len({c.samples_key for c in children}) > 1:
             return False, f"{metric} was measured on different validation samples (the sampling settings differ)"
         return True, f"{metric} does not depend on alpha and the trials share their validation samples"
@@ -190,5 +198,5 @@ def rank(children: list[Child]) -> tuple[Child | None, dict[str, Child], str]:
         per_method.update(best(metric, direction, [c for c in children if (c.metric, c.direction) == (metric,
                                                                                                       direction)])[1])
     why = (f"each method was scored with its own metric ({', '.join(m for m, _ in scored)}), which are not "
-           "comparable; set objective.metric to limits_cl68_area or a truth_* metric to rank methods")
+           "comparable; set objective.metric to a truth_* metric (toy) to rank methods")
     return None, dict(sorted(per_method.items())), why

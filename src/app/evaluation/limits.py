@@ -2,7 +2,8 @@
 :func:`app.ml.madminer_patches.batched_limits`), and on a toy file their comparison with the limits of the exact
 likelihood on the same Asimov data.
 
-Every limit reads MadMiner's *test* partition (``test_split``). One run per requested mode and cross-section
+The Asimov data and cross sections come from MadMiner's *test* partition (``test_split``); the histograms of the
+histogram modes from its train range (see :mod:`app.stages.evaluate`). One run per requested mode and cross-section
 variant (:func:`limit_runs`); each writes ``p_values_<key>.npy`` and ``best_fit_<key>.npy`` and gives the
 ``limits_<key>_*`` metrics (``truth_limits_<key>_*`` on a toy file).
 """

@@ -1,8 +1,13 @@
 """Evaluation stage: expected limits, Fisher information and predictions on test data, into ``<run>/results``.
 
-Everything reads MadMiner's *test* partition (``partition="test"`` / ``test_split``), never the
-events the training samples came from. Writes .npy arrays, ``limits.json`` (the limit runs, for the plots) and
-``metrics.json`` atomically. The work is done in :mod:`app.evaluation`: :mod:`~app.evaluation.limits`,
+The test predictions, the truth metrics and the limits' Asimov data and cross sections read MadMiner's *test*
+partition (``partition="test"`` / ``test_split``). One exception: MadMiner's histogram modes (``histo``, ``sally``,
+``sallino``, ``adaptive_sally``) fill their histograms, and find their adaptive binning, with the events of
+MadMiner's *train* range (``AsymptoticLimits._make_weighted_histo_data``: everything but the test split, so the
+training and validation partitions), which hold the events of the estimator's own training samples: a SALLY
+limit's histograms of the learned score are filled with SALLY's training events (Monte Carlo statistics that the
+score was fitted on, not an independent sample). Writes .npy arrays, ``limits.json`` (the limit runs, for the plots)
+and ``metrics.json`` atomically. The work is done in :mod:`app.evaluation`: :mod:`~app.evaluation.limits`,
 :mod:`~app.evaluation.fisher`, :mod:`~app.evaluation.predictions`.
 
 On a toy file (:mod:`app.toy.simulator`, whose likelihood is known exactly: :mod:`app.toy.truth`) it also compares
