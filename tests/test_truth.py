@@ -377,11 +377,14 @@ def test_exact_log_r_through_the_limit_statistic_reaches_iou_one(compose_app, tm
     metrics = _limits_with(cfg, lambda x, grid: truth.log_r_grid(x, grid, np.zeros(2)), tmp_path)
     assert metrics["truth_limits_ml_iou"] >= 0.999 and metrics["truth_limits_ml_kin_iou"] >= 0.999
     assert metrics["truth_limits_ml_best_fit_distance"] < 1e-9
+    assert metrics["limits_ml_cl68_touches_edge"] == 0.0
+    area = metrics["limits_ml_cl68_area"]
     # and it can fail: an overconfident estimator (log r x 2) shrinks its region to about half the true one
     # (measured IoU: 0.50 / 0.64 with the rate, 0.50 / 0.49 without)
     metrics = _limits_with(cfg, lambda x, grid: 2 * truth.log_r_grid(x, grid, np.zeros(2)), tmp_path / "x2")
     assert metrics["truth_limits_ml_iou"] < 0.7, metrics["truth_limits_ml_iou"]
     assert metrics["truth_limits_ml_kin_iou"] < 0.6, metrics["truth_limits_ml_kin_iou"]
+    assert metrics["limits_ml_cl68_area"] < 0.7 * area  # which the area rewards: it never ranks estimators
 
 # --------------------------------------------------------------------------- fast estimator evaluation
 @pytest.fixture(scope="module")
