@@ -101,6 +101,13 @@ def test_cl_region_area_is_the_analytic_area_of_a_gaussian_log_likelihood():
     log_l, exact = _gaussian_log_l(coarse, (1.0, 1.0), 0.0, (0.0, 0.0))
     cells = np.mean(-2 * log_l < q_threshold(dof=2)) * 100
     assert cl_regions(coarse, [log_l]).size() == pytest.approx(exact, rel=0.01) and abs(cells / exact - 1) > 0.1
+    # three parameters (rows in any order): an ellipsoid of volume 4/3 pi q68^(3/2) prod(sigma)
+    axis = np.linspace(-5, 5, 11)
+    cube = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)[::-1]
+    sigma = np.array([1.5, 1.0, 0.8])
+    log_l = -0.5 * (((cube - [0.3, 0.0, -0.2]) / sigma) ** 2).sum(1)
+    volume = 4 / 3 * np.pi * q_threshold(dof=3) ** 1.5 * sigma.prod()
+    assert cl_regions(cube, [log_l], n_zoom=21).size() == pytest.approx(volume, rel=0.02)
     # one parameter: |x - 1| < sigma (q68 = 1 for one degree of freedom)
     line = np.linspace(-5, 5, 25)[:, None]
     assert cl_regions(line, [-0.5 * ((line[:, 0] - 1) / 0.3) ** 2]).size() == pytest.approx(0.6, rel=0.01)

@@ -10,19 +10,20 @@ CL95_P_VALUE = 1.0 - CL95
 
 
 def grid_axes(grid) -> list:
-    """The axes (sorted unique values per parameter) of a regular 1-D or 2-D grid whose rows are points."""
+    """The axes (sorted unique values per parameter) of a regular grid whose rows are points."""
     import numpy as np
 
     grid = np.asarray(grid, dtype=np.float64)
     axes = [np.unique(grid[:, i]) for i in range(grid.shape[1])]
-    if grid.ndim != 2 or grid.shape[1] > 2 or np.prod([len(a) for a in axes]) != len(grid):
-        raise ValueError("a regular 1-D or 2-D grid as made by MadMiner's AsymptoticLimits is needed")
+    if grid.ndim != 2 or np.prod([len(a) for a in axes]) != len(grid):
+        raise ValueError("a regular grid as made by MadMiner's AsymptoticLimits is needed")
     return axes
 
 
 def grid_spline(grid, values):
     """Cubic-spline interpolant (linear where an axis has fewer than 4 points) of values on a regular grid
-    (MadMiner's order: the last parameter varies fastest); returns f(axes) -> values on their mesh, raveled."""
+    (MadMiner's order: the last parameter varies fastest); returns f(axes) -> values on their mesh, raveled.
+    Three or more parameters: SciPy's tensor-product cubic interpolation (linear below 4 points per axis)."""
     import numpy as np
 
     grid = np.asarray(grid, dtype=np.float64)
@@ -34,6 +35,13 @@ def grid_spline(grid, values):
         order = np.argsort(grid[:, 0])
         spline = make_interp_spline(grid[order, 0], values[order], k=min(3, len(axes[0]) - 1))
         return lambda new_axes: spline(new_axes[0])
+    if grid.shape[1] > 2:
+        from scipy.interpolate import RegularGridInterpolator
+
+        order = np.lexsort(grid.T[::-1])  # MadMiner's order, whatever the rows' order
+        method = "cubic" if min(len(a) for a in axes) >= 4 else "linear"
+        cube = RegularGridInterpolator(axes, values[order].reshape([len(a) for a in axes]), method=method)
+        return lambda new_axes: cube(mesh(new_axes))
     from scipy.interpolate import RectBivariateSpline
 
     spline = RectBivariateSpline(
@@ -74,19 +82,23 @@ class Regions:
         return float(self.inside[i].sum()) * self.cell
 
 
-def cl_regions(grid, log_likelihoods, cl: float = CL68, n_zoom: int = 241) -> Regions:
+def cl_regions(grid, log_likelihoods, cl: float = CL68, n_zoom: int | None = None) -> Regions:
     """The regions {theta: -2 [log L(theta) - max log L] < chi2_ppf(cl, dof = number of parameters)} (MadMiner's
     p-value > 1 - cl) of each log L (any constant offset) given on a regular evaluation grid.
 
     Each log L is interpolated with a cubic spline (smooth where log L is: a Gaussian log L is a quadratic, which
     the spline reproduces; p-values interpolated linearly are not). The regions are located on an 8x finer grid,
     then counted on an ``n_zoom``-point-per-axis grid spanning their union plus one grid spacing, so regions smaller
-    than a grid cell are resolved. A region that reaches the grid's boundary continues beyond it: its size is only
+    than a grid cell are resolved (default: 241 points per axis for one or two parameters; coarser with more:
+    a 2x finer grid and 41 points). A region that reaches the grid's boundary continues beyond it: its size is only
     a lower bound (``touches_edge``). Non-finite values count as far outside.
     """
     import numpy as np
 
     grid = np.asarray(grid, dtype=np.float64)
+    few = grid.shape[1] <= 2
+    n_zoom = n_zoom or (241 if few else 41)
+    factor = 8 if few else 2
     threshold = q_threshold(cl, grid.shape[1])
     axes = grid_axes(grid)
     splines = []
@@ -100,7 +112,7 @@ def cl_regions(grid, log_likelihoods, cl: float = CL68, n_zoom: int = 241) -> Re
         values = [f(new_axes) for f in splines]
         return values, [-2.0 * (v - v.max()) < threshold for v in values]
 
-    fine_axes = [np.linspace(a[0], a[-1], (len(a) - 1) * 8 + 1) if len(a) > 1 else a for a in axes]
+    fine_axes = [np.linspace(a[0], a[-1], (len(a) - 1) * factor + 1) if len(a) > 1 else a for a in axes]
     _, inside = regions(fine_axes)
     shape = [len(a) for a in fine_axes]
     touches = []
