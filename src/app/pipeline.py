@@ -258,8 +258,8 @@ def _check_search_objective(hydra_cfg, metric: str) -> None:
     if found is not None and found.scope == "setting" and "training.alpha" in params:
         raise UserError(
             f"objective.metric={metric} depends on training.alpha, which this search tunes (it would favour small "
-            "alpha whatever the estimator); use objective.metric=val_<loss term> (e.g. val_improved_xe), "
-            "limits_cl68_area or a truth_* metric"
+            "alpha whatever the estimator); use objective.metric=val_<loss term> (e.g. val_improved_xe) or, on the "
+            "toy, a truth_* metric"
         )
 
 
