@@ -593,12 +593,15 @@ def test_file_without_truth_has_no_truth_metrics(run_app, tmp_path):
     with h5py.File(path, "a") as f:
         del f.attrs[simulator.SETTINGS_ATTR]
     tiny = [a for a in TINY if not a.startswith("data.")]
+    # a truth objective is refused in one line before any work (issue 19; it used to fail after the whole job)
     proc = run_app("data=file", f"data.path={path}", *tiny, "objective.metric=truth_log_r_mse", check=False)
     assert proc.returncode == 2, proc.out[-3000:]
+    assert "objective.metric=truth_log_r_mse compares with the toy's exact likelihood" in proc.stderr
+    assert not (tmp_path / "run" / "results").exists() and not (tmp_path / "run" / "run.json").exists()
+    proc = run_app("data=file", f"data.path={path}", *tiny)
     metrics = _metrics(tmp_path / "run")
     assert "limits_ml_cl68_fraction" in metrics
     assert not [k for k in metrics if k.startswith("truth_")]
     assert proc.out.count("truth metrics skipped") == 1
     assert f"truth metrics skipped: {path} is not a toy file (no tractable likelihood)" in proc.out
-    assert "objective.metric=truth_log_r_mse is not a metric of this run" in proc.out
     assert not list((tmp_path / "run" / "plots").glob("*truth*"))
