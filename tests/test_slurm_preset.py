@@ -45,6 +45,16 @@ def test_the_request_is_checked_against_sinfo():
         slurm.check(OmegaConf.create({**PRESET, "tasks_per_node": 4, "cpus_per_task": 1, "mem_gb": 1}), ONE_NODE)
 
 
+def test_a_time_limit_within_submitits_signal_delay_is_one_line():
+    """timeout_min=1 with submitit's default signal_delay_s=120: USR2 came 5 s into each job, inside its MLflow calls
+    (measured on the one-node cluster: the job's run was never created)."""
+    request = OmegaConf.create({**PRESET, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 1, "signal_delay_s": 120})
+    with pytest.raises(UserError, match=r"^hydra.launcher.signal_delay_s=120 is not less than "
+                                        r"hydra.launcher.timeout_min=1 \(60 s\).*; "
+                                        r"set hydra.launcher.signal_delay_s=15 or raise hydra.launcher.timeout_min$"):
+        slurm.check(request, ONE_NODE)
+
+
 @pytest.mark.parametrize(("limit", "minutes"), [("infinite", None), ("30", 30), ("30:00", 30), ("2:00:00", 120),
                                                 ("1-00:00:00", 1440), ("1-12", 2160), ("1-0:30", 1470)])
 def test_time_limits(limit, minutes):

@@ -56,11 +56,22 @@ def check(launcher: Any, sinfo_output: str | None = None) -> Partition:
                         f"{', '.join(partitions) or 'none'}); set hydra.launcher.partition=<one of them>")
     else:
         part = partitions[str(name)]
+    _check_signal_delay(launcher)
     lower = too_much(launcher, part)
     if lower:
         raise UserError(f"hydra/launcher=slurm asks for more than partition {part.name} has ({part.describe()}: "
                         f"sinfo), so its jobs would stay PENDING for ever; lower {', '.join(lower)}")
     return part
+
+
+def _check_signal_delay(launcher: Any) -> None:
+    """submitit asks SLURM for its USR2 ``signal_delay_s`` before the time limit: a limit no longer than that sends it
+    as the job starts, and submitit's handler then raises inside whatever the job runs (its MLflow calls)."""
+    delay, timeout = launcher.get("signal_delay_s"), launcher.get("timeout_min")
+    if delay is not None and timeout is not None and int(delay) >= int(timeout) * 60:
+        raise UserError(f"hydra.launcher.signal_delay_s={delay} is not less than hydra.launcher.timeout_min={timeout} "
+                        f"({int(timeout) * 60} s): submitit's time-limit signal would come as each job starts; set "
+                        f"hydra.launcher.signal_delay_s={int(timeout) * 60 // 4} or raise hydra.launcher.timeout_min")
 
 
 def too_much(launcher: Any, part: Partition) -> list[str]:
