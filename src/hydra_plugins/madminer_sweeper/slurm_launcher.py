@@ -93,11 +93,14 @@ def wait(jobs: Sequence[Any], overrides: list[list[str]], poll_s: float = POLL_S
                                                   "hydra.launcher.cpus_per_task, mem_gb, gpus_per_node or timeout_min")
             elif state in ENDED or state == GONE:
                 first = ended.setdefault(i, time.monotonic())
-                grace = RESULT_GRACE_S if state in ("COMPLETED", GONE) else ENDED_GRACE_S
+                # a preempted job may be requeued; a completed one's result may still be on its way
+                grace = RESULT_GRACE_S if state in ("COMPLETED", "PREEMPTED", GONE) else ENDED_GRACE_S
                 if time.monotonic() - first >= grace:
                     why = state if not reason or reason == "None" else f"{state}, {reason}"
                     returns[i] = failed(overrides[i], f"SLURM ended job {job.job_id} ({why}) before it returned a "
                                                       f"result; its log: {job.paths.stderr}")
+            else:  # PENDING, RUNNING, REQUEUED, ...: not ended (again)
+                ended.pop(i, None)
         if len(returns) < len(jobs):
             sleep(poll_s)
     return [returns[i] for i in range(len(jobs))]
