@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
 from app.errors import UserError, first_line
+from app.sweeps import slurm
 from app.sweeps.storage import prepare_storage
 from app.tracking.redaction import redact_log_records, redact_text
 
@@ -145,8 +146,9 @@ def file_error_message(err: OSError | RuntimeError, cfg: DictConfig | None = Non
 class Preflight(Callback):
     """What Hydra itself would only report with a traceback, checked before any job starts.
 
-    The run (or sweep) dir must be creatable and writable, and an Optuna storage URL
-    (``hydra.sweeper.storage``) must open. Registered first under ``hydra.callbacks``.
+    The run (or sweep) dir must be creatable and writable, an Optuna storage URL (``hydra.sweeper.storage``) must
+    open, and a SLURM launcher's request must fit a node of its partition (``app.sweeps.slurm``: else its jobs stay
+    PENDING for ever). Registered before the MLflow callback under ``hydra.callbacks``.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -157,6 +159,12 @@ class Preflight(Callback):
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
         if isinstance(storage, str) and storage:
             _open_optuna_storage(storage)
+        launcher = OmegaConf.select(config, "hydra.launcher", default=None)
+        if slurm.is_slurm(launcher):
+            try:
+                slurm.check(launcher)
+            except UserError as err:
+                _fail_early(str(err))
 
 
 def _writable_dir(folder: str, key: str) -> None:

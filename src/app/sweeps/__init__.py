@@ -5,7 +5,8 @@
   batch, whatever the launcher);
 - :mod:`app.sweeps.report`: the ``hydra.callbacks`` entry that checks the sweeper's options before any job and ends
   the sweep with one short table and one line per failed job (exit code 1);
-- :mod:`app.sweeps.storage`: what an Optuna storage needs before Optuna opens it.
+- :mod:`app.sweeps.storage`: what an Optuna storage needs before Optuna opens it;
+- :mod:`app.sweeps.slurm`: a SLURM launcher's request checked against ``sinfo`` before any job is submitted.
 
 The sweepers themselves are Hydra plugins (``hydra_plugins.madminer_sweeper``): Hydra instantiates sweepers from
 that namespace only. Nothing here imports torch, MadMiner, MLflow or Optuna.

@@ -152,8 +152,10 @@ class MLflowCallback(Callback):
         tracker, parent = helper.current(), self.parent
         self.parent = None
         record = outcomes.load(config.hydra.sweep.dir)  # this project's sweepers: why the sweep stopped early
+        # a job that SLURM ended never ran its on_job_end: the sweeper's record says how it ended
+        failed_jobs = {j.job: j.error for j in record.failures} if record else {}
         tracker.submit(calls.end_parent, parent=parent, register_model=self.register_model,
-                       stopped=record.stopped if record else None, **self.objective)
+                       stopped=record.stopped if record else None, failed_jobs=failed_jobs, **self.objective)
         lines = tracker.wait()  # every job's calls were submitted before: their failures too
         tracker.close()
         for line in lines:

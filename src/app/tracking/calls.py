@@ -243,10 +243,11 @@ def _end(c, handle: str, run_id: str, status: str, error: str | None, end_time: 
 
 @reported
 def end_parent(*, parent: dict, metric: str | None, direction: str | None, register_model: bool,
-               stopped: str | None = None, killed: bool | None = None) -> None:
+               stopped: str | None = None, killed: bool | None = None, failed_jobs: dict | None = None) -> None:
     """The sweep's comparison on the parent run, then its end: FINISHED, or FAILED (the comparison failed, or the
     sweep ended early: ``killed=False``) or KILLED (Ctrl-C: ``killed=True``). ``stopped``: why the sweeper launched no
-    more jobs (its failure budget), as a tag."""
+    more jobs (its failure budget), as a tag. ``failed_jobs``: {job number: error line} of the jobs the sweeper
+    recorded as failed; their runs still RUNNING are closed FAILED first (:func:`close_failed_children`)."""
 
     if "uri" in parent and STORE.uri is None:  # at exit, in the command's own process: the helper has ended
         backend.configure(parent["uri"])
@@ -254,6 +255,8 @@ def end_parent(*, parent: dict, metric: str | None, direction: str | None, regis
     c = STORE.client()
     run_id, experiment_id = parent_run(parent)
     ref = {"run_id": run_id, "experiment_id": experiment_id}
+    if failed_jobs:
+        close_failed_children(c, run_id, experiment_id, failed_jobs)
     status = "FINISHED"
     try:
         best = comparison.summarise_sweep(c, ref, metric, direction)
@@ -277,3 +280,20 @@ def end_parent(*, parent: dict, metric: str | None, direction: str | None, regis
     c.set_terminated(run_id, status)
     if "handle" in parent:
         STORE.closed.add(parent["handle"])
+
+
+def close_failed_children(c, parent_id: str, experiment_id: str, failed_jobs: dict) -> list[str]:
+    """End FAILED, with the job's error line as the tag ``error``, the child runs of ``parent_id`` still RUNNING whose
+    job (tag ``job.num``) the sweeper recorded as failed: a job that SLURM ended (its time limit, ``scancel``) was
+    killed before its end was recorded, and the sweeper learnt from the launcher how it ended."""
+    closed = []
+    running = c.search_runs([experiment_id], max_results=1000,
+                            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    for run in running:
+        num = run.data.tags.get("job.num")
+        error = failed_jobs.get(int(num)) if num is not None and num.isdigit() else None
+        if error is not None:
+            backend.set_tags(c, run.info.run_id, {"error": error})
+            c.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
