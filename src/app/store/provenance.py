@@ -30,16 +30,25 @@ def _subtree(cfg: DictConfig, group: str) -> dict:
     return {k: v for k, v in tree.items() if k not in NOT_OUTPUT[group]}
 
 
-def stage_configs(cfg: DictConfig) -> dict[str, dict]:
-    """The config each stage reads (resolved, plain), by stage. Upstream stages are covered by the upstream key."""
+def stage_configs(cfg: DictConfig, device: str | None = None) -> dict[str, dict]:
+    """The config each stage reads (resolved, plain), by stage. Upstream stages are covered by the upstream key.
+
+    ``device``: the device ``training.device`` resolved to on this machine (:func:`app.ml.device.resolve`), keyed in
+    its place: ``auto`` is ``cuda`` on a GPU node and ``cpu`` elsewhere, and a model made on one is not the other's.
+    """
     sampling = _subtree(cfg, "sampling")
+    training = _subtree(cfg, "training")
+    if device is not None:
+        training["device"] = device
     return {
         # double-parameterized estimators are trained on samples drawn with sample_train_more_ratios
         "sample": {"sampling": sampling, "training": {"estimator": cfg.training.estimator}}
         if cfg.training.estimator == "double_parameterized" else {"sampling": sampling},
-        "train": {"training": _subtree(cfg, "training"), "seed": cfg.seed},
-        # evaluation reads the test partition: the sampling splits, specs and seed matter too
-        "evaluate": {"evaluation": _subtree(cfg, "evaluation"), "sampling": sampling},
+        "train": {"training": training, "seed": cfg.seed},
+        # evaluation reads the test partition: the sampling splits, specs and seed matter too; the model runs on the
+        # resolved device (the batched evaluation)
+        "evaluate": {"evaluation": _subtree(cfg, "evaluation"), "sampling": sampling}
+        | ({} if device is None else {"device": device}),
     }
 
 
