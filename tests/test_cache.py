@@ -106,14 +106,50 @@ def test_key_changes_with_each_input_and_not_otherwise(monkeypatch):
 
 
 def test_versions_come_from_package_metadata_without_importing_madminer():
+    packages = ("madminer-sweeper", "madminer", "torch", "numpy", "scipy")
     code = (
         "import sys, app.store.cache as c; v = c.versions()\n"
-        "print(v['madminer-sweeper'], v['madminer'], 'madminer' in sys.modules)"
+        f"print(*[v[p] for p in {packages}], [m for m in ('madminer', 'torch', 'numpy', 'scipy') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     from importlib.metadata import version
 
-    assert out.stdout.split() == [version("madminer-sweeper"), version("madminer"), "False"]
+    assert out.stdout.split() == [*(version(p) for p in packages), "[]"]
+
+
+def test_key_holds_the_numerical_packages_and_the_resolved_device(monkeypatch):
+    """A model made with another torch, NumPy or SciPy, or on the other device, is another entry; ``auto`` is keyed
+    as the device it resolves to (a cache shared by a CPU and a GPU node serves each its own)."""
+    from omegaconf import OmegaConf
+
+    from app.store import provenance
+
+    def configs(device: str, resolved: str) -> dict:
+        cfg = OmegaConf.create(
+            {
+                "sampling": {"seed": 1},
+                "training": {"estimator": "single", "device": device},
+                "evaluation": {"luminosity": 1.0},
+                "seed": 1,
+            }
+        )
+        return provenance.stage_configs(cfg, resolved)
+
+    def key(stage: str, config: dict) -> str:
+        return stage_key(stage, data_digest="d" * 64, config=config[stage], upstream=None)
+
+    on_cpu, auto_on_cpu, auto_on_gpu = configs("cpu", "cpu"), configs("auto", "cpu"), configs("auto", "cuda")
+    for stage in ("train", "evaluate"):
+        assert key(stage, auto_on_cpu) == key(stage, on_cpu)
+        assert key(stage, auto_on_gpu) != key(stage, on_cpu)
+    assert key("sample", auto_on_gpu) == key("sample", on_cpu)  # sampling runs no model
+    base = dict(cache.versions())
+    keys = set()
+    for package in ("torch", "numpy", "scipy", None):
+        found = base if package is None else {**base, package: "0.0.1"}
+        monkeypatch.setattr(cache, "versions", lambda found=found: found)
+        keys.add(key("train", on_cpu))
+    assert len(keys) == 4
 
 
 def test_import_is_cheap():

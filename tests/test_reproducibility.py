@@ -87,9 +87,10 @@ def assert_same_numbers(got: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def toys(tmp_path_factory) -> Path:
-    """The generated toy files, shared by the module's caches."""
-    return tmp_path_factory.mktemp("toys")
+def toys(cache_dir) -> Path:
+    """The generated toy files, shared with the session's other tests (conftest's ``cache_dir``)."""
+    (cache_dir / "toy").mkdir(exist_ok=True)
+    return cache_dir / "toy"
 
 
 def fresh_cache(folder: Path, toys: Path) -> Path:
@@ -193,3 +194,27 @@ def test_joblib_jobs_give_the_numbers_of_serial_jobs(run_app, tmp_path):
         parallel = read_metrics(tmp_path / "joblib" / number)
         assert len(numbers(parallel)) > 20
         assert_same_numbers(parallel, read_metrics(tmp_path / "serial" / number))
+
+
+def test_auto_device_is_keyed_as_the_device_it_resolves_to(tmp_path, toys):
+    """On this machine training.device=auto resolves to what ``app.ml.device.resolve`` says: a model trained with
+    that device named explicitly is the same cache entry (and one trained on the other device would not be)."""
+    from app.ml.device import resolve
+
+    cache = fresh_cache(tmp_path / "cache", toys)
+    overrides = [*TINY, "stage=train", "tracking=disabled"]
+    job(cache, tmp_path / "named", *overrides, f"training.device={resolve('auto')}")
+    record = json.loads((job(cache, tmp_path / "auto", *overrides, "training.device=auto") / "run.json").read_text())
+    assert record["cache"]["train"]["status"] == "reused", record["cache"]
+
+
+def test_a_draws_seed_depends_on_the_seed_and_its_purpose_only():
+    from app.domain.seeds import derive, numpy_global
+
+    assert derive(1, "evaluate", "fisher") == derive(1, "evaluate", "fisher")
+    assert len({derive(1, "a"), derive(2, "a"), derive(1, "b"), derive(1, "a", 0), derive(1, "a", 1)}) == 5
+    np.random.seed(3)
+    with numpy_global(1, "a") as seed:
+        inside = np.random.rand()
+    assert inside == np.random.RandomState(seed).rand()
+    assert np.random.rand() == np.random.RandomState(3).rand()  # the state found is put back
