@@ -119,15 +119,16 @@ def test_versions_come_from_package_metadata_without_importing_madminer():
 
 def test_key_holds_the_numerical_packages_and_the_resolved_device(monkeypatch):
     """A model made with another torch, NumPy or SciPy, or on the other device, is another entry; ``auto`` is keyed
-    as the device it resolves to (a cache shared by a CPU and a GPU node serves each its own)."""
+    as the device it resolves to (a cache shared by a CPU and a GPU node serves each its own); sampling.n_processes
+    changes no output, so it is not keyed."""
     from omegaconf import OmegaConf
 
     from app.store import provenance
 
-    def configs(device: str, resolved: str) -> dict:
+    def configs(device: str, resolved: str, n_processes: int = 1) -> dict:
         cfg = OmegaConf.create(
             {
-                "sampling": {"seed": 1},
+                "sampling": {"seed": 1, "n_processes": n_processes},
                 "training": {"estimator": "single", "device": device},
                 "evaluation": {"luminosity": 1.0},
                 "seed": 1,
@@ -143,6 +144,8 @@ def test_key_holds_the_numerical_packages_and_the_resolved_device(monkeypatch):
         assert key(stage, auto_on_cpu) == key(stage, on_cpu)
         assert key(stage, auto_on_gpu) != key(stage, on_cpu)
     assert key("sample", auto_on_gpu) == key("sample", on_cpu)  # sampling runs no model
+    # the same samples on any number of processes (madminer_patches.seeded_sets): one entry
+    assert all(key(s, configs("cpu", "cpu", n_processes=4)) == key(s, on_cpu) for s in ("sample", "evaluate"))
     base = dict(cache.versions())
     keys = set()
     for package in ("torch", "numpy", "scipy", None):
