@@ -162,6 +162,18 @@ def test_import_is_cheap():
     assert out.stdout.strip() == "[]"
 
 
+def test_auto_device_resolves_without_importing_a_cpu_only_torch():
+    """A job whose stages all come from the cache resolves training.device=auto for its keys without paying for
+    torch's import, where the installed torch is a CPU-only build."""
+    from importlib.metadata import version
+
+    if not version("torch").endswith("+cpu"):
+        pytest.skip(f"torch {version('torch')} is not a CPU-only build: auto asks torch")
+    code = "import sys; from app.ml.device import resolve; print(resolve('auto'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cpu", "False"]
+
+
 def test_key_refuses_values_that_are_not_plain():
     with pytest.raises(TypeError, match="object"):
         stage_key("train", data_digest="d", config={"x": object()}, upstream=None)
