@@ -174,6 +174,31 @@ def test_auto_device_resolves_without_importing_a_cpu_only_torch():
     assert out.stdout.split() == ["cpu", "False"]
 
 
+def test_a_given_folder_recorded_with_a_setting_that_changes_no_output_is_accepted(tmp_path):
+    """Samples recorded with sampling.n_processes (as before it left the keys) fit a run with any n_processes; a
+    setting that does change them is still refused."""
+    from omegaconf import OmegaConf
+
+    from app.domain.methods import get_method
+    from app.errors import UserError
+    from app.store import provenance
+
+    cfg = OmegaConf.create(
+        {"sampling": {"seed": 1, "n_processes": 1}, "training": {"estimator": "single"}, "evaluation": {}, "seed": 1}
+    )
+    expected = provenance.stage_configs(cfg, "cpu")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "x_train.npy").write_bytes(b"x")
+    recorded = {"sampling": {"seed": 1, "n_processes": 4}}
+    write_manifest(folder, {"data_digest": "d" * 64, "configs": {"sample": recorded}})
+    method = get_method("alices")
+    assert provenance.check_given("sample", folder, expected, "d" * 64, method)["configs"]["sample"] == recorded
+    write_manifest(folder, {"data_digest": "d" * 64, "configs": {"sample": {"sampling": {"seed": 2}}}})
+    with pytest.raises(UserError, match="was made with sampling.seed=2 but this run has sampling.seed=1"):
+        provenance.check_given("sample", folder, expected, "d" * 64, method)
+
+
 def test_key_refuses_values_that_are_not_plain():
     with pytest.raises(TypeError, match="object"):
         stage_key("train", data_digest="d", config={"x": object()}, upstream=None)

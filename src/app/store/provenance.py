@@ -82,7 +82,7 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
     for upstream in ("sample", "train", "evaluate"):
         if upstream not in made_with:
             continue
-        difference = _first_difference(made_with[upstream], expected[upstream])
+        difference = _first_difference(_outputs_only(made_with[upstream]), expected[upstream])
         if difference:
             name, theirs, ours = difference
             raise UserError(
@@ -92,6 +92,13 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
         if upstream == stage:
             break
     return provenance
+
+
+def _outputs_only(configs: dict) -> dict:
+    """A stage's recorded configs without the settings that change no output (recorded by older versions, e.g.
+    sampling.n_processes before its samples stopped depending on it)."""
+    return {group: {k: v for k, v in tree.items() if k not in NOT_OUTPUT[group]}
+            if group in NOT_OUTPUT and isinstance(tree, dict) else tree for group, tree in configs.items()}
 
 
 def _first_difference(theirs: Any, ours: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
