@@ -106,14 +106,53 @@ def test_key_changes_with_each_input_and_not_otherwise(monkeypatch):
 
 
 def test_versions_come_from_package_metadata_without_importing_madminer():
+    packages = ("madminer-sweeper", "madminer", "torch", "numpy", "scipy")
     code = (
         "import sys, app.store.cache as c; v = c.versions()\n"
-        "print(v['madminer-sweeper'], v['madminer'], 'madminer' in sys.modules)"
+        f"print(*[v[p] for p in {packages}], [m for m in ('madminer', 'torch', 'numpy', 'scipy') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     from importlib.metadata import version
 
-    assert out.stdout.split() == [version("madminer-sweeper"), version("madminer"), "False"]
+    assert out.stdout.split() == [*(version(p) for p in packages), "[]"]
+
+
+def test_key_holds_the_numerical_packages_and_the_resolved_device(monkeypatch):
+    """A model made with another torch, NumPy or SciPy, or on the other device, is another entry; ``auto`` is keyed
+    as the device it resolves to (a cache shared by a CPU and a GPU node serves each its own); sampling.n_processes
+    changes no output, so it is not keyed."""
+    from omegaconf import OmegaConf
+
+    from app.store import provenance
+
+    def configs(device: str, resolved: str, n_processes: int = 1) -> dict:
+        cfg = OmegaConf.create(
+            {
+                "sampling": {"seed": 1, "n_processes": n_processes},
+                "training": {"estimator": "single", "device": device},
+                "evaluation": {"luminosity": 1.0},
+                "seed": 1,
+            }
+        )
+        return provenance.stage_configs(cfg, resolved)
+
+    def key(stage: str, config: dict) -> str:
+        return stage_key(stage, data_digest="d" * 64, config=config[stage], upstream=None)
+
+    on_cpu, auto_on_cpu, auto_on_gpu = configs("cpu", "cpu"), configs("auto", "cpu"), configs("auto", "cuda")
+    for stage in ("train", "evaluate"):
+        assert key(stage, auto_on_cpu) == key(stage, on_cpu)
+        assert key(stage, auto_on_gpu) != key(stage, on_cpu)
+    assert key("sample", auto_on_gpu) == key("sample", on_cpu)  # sampling runs no model
+    # the same samples on any number of processes (madminer_patches.seeded_sets): one entry
+    assert all(key(s, configs("cpu", "cpu", n_processes=4)) == key(s, on_cpu) for s in ("sample", "evaluate"))
+    base = dict(cache.versions())
+    keys = set()
+    for package in ("torch", "numpy", "scipy", None):
+        found = base if package is None else {**base, package: "0.0.1"}
+        monkeypatch.setattr(cache, "versions", lambda found=found: found)
+        keys.add(key("train", on_cpu))
+    assert len(keys) == 4
 
 
 def test_import_is_cheap():
@@ -121,6 +160,43 @@ def test_import_is_cheap():
     code = f"import sys, app.store.cache; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_auto_device_resolves_without_importing_a_cpu_only_torch():
+    """A job whose stages all come from the cache resolves training.device=auto for its keys without paying for
+    torch's import, where the installed torch is a CPU-only build."""
+    from importlib.metadata import version
+
+    if not version("torch").endswith("+cpu"):
+        pytest.skip(f"torch {version('torch')} is not a CPU-only build: auto asks torch")
+    code = "import sys; from app.ml.device import resolve; print(resolve('auto'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cpu", "False"]
+
+
+def test_a_given_folder_recorded_with_a_setting_that_changes_no_output_is_accepted(tmp_path):
+    """Samples recorded with sampling.n_processes (as before it left the keys) fit a run with any n_processes; a
+    setting that does change them is still refused."""
+    from omegaconf import OmegaConf
+
+    from app.domain.methods import get_method
+    from app.errors import UserError
+    from app.store import provenance
+
+    cfg = OmegaConf.create(
+        {"sampling": {"seed": 1, "n_processes": 1}, "training": {"estimator": "single"}, "evaluation": {}, "seed": 1}
+    )
+    expected = provenance.stage_configs(cfg, "cpu")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "x_train.npy").write_bytes(b"x")
+    recorded = {"sampling": {"seed": 1, "n_processes": 4}}
+    write_manifest(folder, {"data_digest": "d" * 64, "configs": {"sample": recorded}})
+    method = get_method("alices")
+    assert provenance.check_given("sample", folder, expected, "d" * 64, method)["configs"]["sample"] == recorded
+    write_manifest(folder, {"data_digest": "d" * 64, "configs": {"sample": {"sampling": {"seed": 2}}}})
+    with pytest.raises(UserError, match="was made with sampling.seed=2 but this run has sampling.seed=1"):
+        provenance.check_given("sample", folder, expected, "d" * 64, method)
 
 
 def test_key_refuses_values_that_are_not_plain():

@@ -129,6 +129,46 @@ def test_events_in_memory_reads_the_file_once_and_gives_the_same_samples(toy_pat
             np.testing.assert_array_equal(a, b)
 
 
+# --------------------------------------------------------------------------- seeded theta sets
+def test_seeded_sets_give_madminers_own_draw_per_set_on_any_number_of_processes(toy_path):
+    """Inside seeded_sets(seed): set i of the k-th sampling call is MadMiner's own serial draw after
+    np.random.seed(derive(seed, k, i)); n_processes=2 gives the same arrays (MadMiner's own pool does not: its
+    workers inherit one random state and take the sets in any order); the caller's random state is left as found."""
+    from madminer.sampling import SampleAugmenter, benchmark, morphing_points
+
+    from app.domain.seeds import derive
+
+    thetas = [[-2.0, 1.0], [0.5, 0.5], [3.0, -1.0]]
+    augmenter = SampleAugmenter(str(toy_path))
+
+    def local(n_processes: int = 1):  # one set: SALLY's benchmark
+        return augmenter.sample_train_local(theta=benchmark("sm"), n_samples=400, n_processes=n_processes)
+
+    def density(n_processes: int = 1):  # three sets
+        return augmenter.sample_train_density(theta=morphing_points(thetas), n_samples=600, n_processes=n_processes)
+
+    # MadMiner's own result: each set alone, serially, after its seed
+    np.random.seed(derive(7, 0, 0))
+    own_local = local()
+    own_density = []
+    for i, theta in enumerate(thetas):
+        np.random.seed(derive(7, 1, i))
+        own_density.append(augmenter.sample_train_density(theta=morphing_points([theta]), n_samples=200))
+
+    for n_processes in (1, 2):
+        np.random.seed(11)
+        with madminer_patches.seeded_sets(7):
+            got_local, got_density = local(n_processes), density(n_processes)
+        assert np.random.rand() == np.random.RandomState(11).rand()  # the caller's stream is untouched
+        for a, b in zip(got_local, own_local):
+            np.testing.assert_array_equal(a, b)
+        for k in range(2):  # x and theta, set after set
+            np.testing.assert_array_equal(got_density[k], np.vstack([o[k] for o in own_density]))
+    from madminer.sampling import SampleAugmenter as after
+
+    assert after._sample.__name__ == "_sample" and "seeded_sets" not in after._sample.__qualname__  # restored
+
+
 # --------------------------------------------------------------------------- loading models
 @pytest.fixture(scope="module")
 def morphing_model(toy_path, tmp_path_factory):

@@ -237,6 +237,7 @@ class SamplingConfig:
     n_validation_samples: int | None = ranged(None, low=1, integer=True)
     test_split: float = ranged(0.2, low=0, high=1, low_open=True, high_open=True)
     validation_split: float = ranged(0.2, low=0, high=1, high_open=True)  # events reserved for validation samples
+    # theta sets drawn on this many processes: the same samples for any value (madminer_patches.seeded_sets)
     n_processes: int = ranged(1, low=1, integer=True)
     include_nuisance: bool = False
     sample_only_from_closest_benchmark: bool = True

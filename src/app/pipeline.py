@@ -21,6 +21,7 @@ from app.domain import datafile
 from app.domain import metrics as metric_table
 from app.domain.validate import check_config, check_options
 from app.errors import UserError
+from app.ml import device
 from app.stages import evaluate, plot, sample, train
 from app.store import cache, provenance
 from app.store.files import atomic_dir, read_json, update_json
@@ -132,7 +133,7 @@ class _Stages:
     def __init__(self, cfg: DictConfig, method, info, out_dir: Path, digest: str, producer: dict) -> None:
         self.cfg, self.method, self.info, self.out_dir, self.digest = cfg, method, info, out_dir, digest
         self.producer = producer
-        self.configs = provenance.stage_configs(cfg)
+        self.configs = provenance.stage_configs(cfg, device.resolve(cfg.training.device))
         self.cache = cache.StageCache(cfg.paths.cache_dir, enabled=cfg.cache.enabled)
         self.keys: dict[str, str] = {}
         self.record: dict[str, dict] = {}

@@ -10,6 +10,7 @@ variables are changed).
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 
 from app.errors import UserError
@@ -18,8 +19,14 @@ from app.ml import madminer_patches
 
 def resolve(requested: str) -> str:
     """``cpu`` or ``cuda`` for ``training.device`` (``cpu``, ``cuda`` or ``auto``); UserError for ``cuda``
-    without a GPU."""
+    without a GPU.
+
+    The stage cache keys models by this name (``auto`` is never a key), so every job resolves it at its start; a CPU
+    build of torch (``+cpu`` in its version) answers ``cpu`` for ``auto`` without importing torch, which a job whose
+    stages all come from the cache never needs."""
     if requested == "cpu":
+        return "cpu"
+    if requested == "auto" and "torch" not in sys.modules and _cpu_only_torch():
         return "cpu"
     import torch
 
@@ -27,6 +34,16 @@ def resolve(requested: str) -> str:
     if requested == "cuda" and not available:
         raise UserError("training.device=cuda but torch sees no CUDA device; use training.device=auto or cpu")
     return "cuda" if available else "cpu"
+
+
+def _cpu_only_torch() -> bool:
+    """The installed torch is a CPU-only build (package metadata: ``2.13.0+cpu``), so it sees no GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch").endswith("+cpu")
+    except PackageNotFoundError:
+        return False
 
 
 def check(requested: str) -> None:

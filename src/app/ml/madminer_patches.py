@@ -6,6 +6,8 @@ result (tests/test_madminer_patches.py, tests/test_limits_batched.py).
 :func:`apply_numpy_shim`   ``np.histogramdd(normed=...)`` on NumPy >= 1.24, for MadMiner's two histogram modules
 :func:`reused_bin_search`  histograms of the same events with new weights reuse the events' bin indices
 :func:`events_in_memory`   the event file read once per file, not once per sampled theta
+:func:`seeded_sets`        every theta set drawn from its own seed: ``n_processes > 1`` gives the samples of
+                           ``n_processes=1`` (MadMiner's pool does not, and hangs with fewer than 10 sets)
 :func:`batched_limits`     AsymptoticLimits with a batched ``ml`` mode (and double-parameterized estimators) and a
                            binning without its (grid points x events) weight matrix
 :func:`weights_only_loads` ``torch.load(weights_only=True)`` for model files on every torch version
@@ -24,12 +26,15 @@ import contextlib
 import functools
 import importlib
 import inspect
+import itertools
+import multiprocessing
 import os
 import sys
 import types
 
 import numpy
 
+from app.domain.seeds import derive
 from app.ml.batched import log_input_scaling, model_log_likelihood_grid, model_log_r_grid
 
 
@@ -192,6 +197,116 @@ def events_in_memory():
         yield
     finally:
         hdf5._load_samples = original
+
+
+# --------------------------------------------------------------------------- seeded theta sets
+# what MadMiner's _sample hands on to _sample_set unchanged
+_SET_ARGUMENTS = (
+    "sampling_index",
+    "partition",
+    "test_split",
+    "validation_split",
+    "nuisance_score",
+    "n_eff_forced",
+    "sample_only_from_closest_benchmark",
+    "double_precision",
+)
+_set_job: tuple | None = None  # in a worker of seeded_sets(): (augmenter, MadMiner's _sample_set, its keywords)
+
+
+@contextlib.contextmanager
+def seeded_sets(seed: int):
+    """``SampleAugmenter`` with ``n_processes > 1`` forks a ``multiprocessing.Pool`` whose workers all inherit the
+    parent's NumPy random state and take the theta sets in whatever order they come free: the same seed gives other
+    samples on every call, and the first sets of two workers share their random numbers. With fewer than 10 sets its
+    progress loop never ends (``verbose_steps = n_sets // 10 = 0``; SALLY's one benchmark is one set).
+    docs/madminer-bugs.md has a reproducer.
+
+    Inside this block every ``_sample`` call (one per ``sample_*`` call, two for the ratio methods) draws set ``i``
+    of call ``k`` after ``np.random.seed(derive(seed, k, i))``, serially for ``n_processes=1``, else on a pool of
+    ``min(n_processes, sets)`` workers (results in set order); MadMiner's serial loop then combines them, so both
+    give the same arrays. The global random state is the one found before the call (the sets draw from their own
+    seeds), so what MadMiner draws between calls (random theta points, the final shuffle) is the same either way."""
+    from madminer.sampling import SampleAugmenter
+
+    original = SampleAugmenter._sample
+    original_set = SampleAugmenter._sample_set
+    signature = inspect.signature(original)
+    calls = itertools.count()
+
+    def _sample(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        sets, n_processes = a["sets"], a["n_processes"]
+        call = next(calls)
+        seeds = [derive(seed, call, i) for i in range(len(sets))]
+        definitions = a["augmented_data_definitions"] or []
+        job = {name: a[name] for name in _SET_ARGUMENTS}
+        job.update(
+            n_samples=a["n_samples_per_set"],
+            augmented_data_definitions=definitions,
+            needs_gradients=self._check_gradient_need(definitions),
+        )
+        n_workers = min(multiprocessing.cpu_count() if n_processes is None else n_processes, len(sets))
+        state = numpy.random.get_state()
+        try:
+            if n_workers > 1:
+                done = _sets_in_parallel(self, original_set, job, sets, seeds, n_workers)
+            else:
+                done, counters = [], (0, 0, 0)
+                for set_, set_seed in zip(sets, seeds):
+                    numpy.random.seed(set_seed)
+                    found = original_set(
+                        self,
+                        set_,
+                        **job,
+                        n_stats_warnings=counters[0],
+                        n_neg_weights_warnings=counters[1],
+                        n_too_large_weights_warnings=counters[2],
+                    )
+                    counters = found[5:8]
+                    done.append(found)
+            results = iter(done)
+            self._sample_set = lambda set_, **_: next(results)  # MadMiner's serial loop combines them
+            try:
+                a["n_processes"] = 1
+                return original(*bound.args, **bound.kwargs)
+            finally:
+                del self._sample_set
+        finally:
+            numpy.random.set_state(state)
+
+    SampleAugmenter._sample = _sample
+    try:
+        yield
+    finally:
+        SampleAugmenter._sample = original
+
+
+def _sets_in_parallel(augmenter, sample_set, job: dict, sets, seeds, n_workers: int) -> list:
+    """``sample_set(augmenter, set_, **job)`` for every set after ``np.random.seed(its seed)``, on ``n_workers``
+    processes (forked where the platform can, like MadMiner's pool: they share the events read in memory); the
+    results in set order. MadMiner's parallel path silences the per-set warnings the same way."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    job = dict(job, n_stats_warnings=1000, n_neg_weights_warnings=1000)
+    with ProcessPoolExecutor(
+        n_workers, mp_context=context, initializer=_start_set_worker, initargs=(augmenter, sample_set, job)
+    ) as pool:
+        return list(pool.map(_sample_one_set, sets, seeds))
+
+
+def _start_set_worker(augmenter, sample_set, job: dict) -> None:
+    global _set_job
+    _set_job = (augmenter, sample_set, job)
+
+
+def _sample_one_set(set_, seed: int):
+    augmenter, sample_set, job = _set_job
+    numpy.random.seed(seed)
+    return sample_set(augmenter, set_, **job)
 
 
 # --------------------------------------------------------------------------- limits

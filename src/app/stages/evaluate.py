@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
+from app.domain import seeds
 from app.domain.datafile import FileInfo
 from app.domain.methods import Method
 from app.domain.theta import describe_theta_true
@@ -74,11 +74,15 @@ def run(
         atomic_dir(target) as tmp,
         device.use(cfg.training.device) as name,
     ):
-        np.random.seed(cfg.sampling.seed + 1)
-        metrics.update(expected_limits(cfg, method, info, model_file, tmp, truth, memo, name))
+        # Each part draws from its own seed (each limit from one of its own, in expected_limits): a part's numbers do
+        # not depend on whether another part was computed or read from the stage cache before it (docs/cache.md).
+        with seeds.numpy_global(cfg.sampling.seed, "evaluate", "limits"):
+            metrics.update(expected_limits(cfg, method, info, model_file, tmp, truth, memo, name))
         if cfg.evaluation.fisher.enabled:
-            metrics.update(fisher_information(cfg, method, info, model_file, tmp, memo))
-        metrics.update(test_predictions(cfg, method, info, model_file, tmp, truth, name))
+            with seeds.numpy_global(cfg.sampling.seed, "evaluate", "fisher"):
+                metrics.update(fisher_information(cfg, method, info, model_file, tmp, memo))
+        with seeds.numpy_global(cfg.sampling.seed, "evaluate", "test_predictions"):
+            metrics.update(test_predictions(cfg, method, info, model_file, tmp, truth, name))
         write_json(tmp / "limits.json", {"runs": [list(r) for r in limit_runs(cfg, method)]})
         write_json(tmp / "metrics.json", metrics)
     return EvaluateResult(target, metrics)

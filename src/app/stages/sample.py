@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from app.domain import seeds
 from app.domain.datafile import FileInfo
 from app.domain.methods import Method
 from app.domain.theta import double_theta1_spec, is_single_point, ratio_theta1, to_madminer_theta
@@ -39,7 +40,6 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
     from madminer.sampling import SampleAugmenter
 
     s = cfg.sampling
-    np.random.seed(s.seed)
     augmenter = SampleAugmenter(str(info.path), include_nuisance_parameters=s.include_nuisance)
     common = dict(
         n_samples=s.n_samples,
@@ -52,7 +52,14 @@ def run(cfg: DictConfig, method: Method, info: FileInfo, out_dir: Path) -> Sampl
     )
     target = out_dir / "samples"
     n_val = n_validation_samples(s)
-    with madminer_patches.events_in_memory(), atomic_dir(target) as tmp:
+    # The random theta points and MadMiner's shuffle draw from the stage's own seed, each theta set from its own
+    # (madminer_patches.seeded_sets): the same samples for any n_processes, whatever ran before in the process.
+    with (
+        seeds.numpy_global(s.seed, "sample"),
+        madminer_patches.seeded_sets(seeds.derive(s.seed, "sample", "sets")),
+        madminer_patches.events_in_memory(),
+        atomic_dir(target) as tmp,
+    ):
         common["folder"] = str(tmp)
         x, n_effective = _draw(augmenter, cfg, info, method, common)
         x_val = None

@@ -41,7 +41,9 @@ MANIFEST = ".manifest.json"
 FORMAT = 1
 ENV_VAR = "MADMINER_SWEEPER_CACHE"
 DEFAULT_DIR = ".cache/madminer-sweeper"
-PACKAGES = ("madminer-sweeper", "madminer")
+# Packages whose version changes a stage's numbers (torch: training and the batched evaluation; NumPy and SciPy: the
+# sampling, the limits and the Fisher information), read from their metadata without importing them.
+PACKAGES = ("madminer-sweeper", "madminer", "torch", "numpy", "scipy")
 # What clear() removes: only names this project writes, never anything else a user put in the folder.
 OWNED = ("stages", "tmp", "locks", "digests.json", "toy")
 
@@ -76,8 +78,8 @@ def json_values(value: Any) -> Any:
 
 @functools.cache
 def versions() -> dict[str, str]:
-    """Installed versions of madminer-sweeper and madminer (package metadata, no imports), and a digest of this
-    package's source: an editable install whose code changed without a version bump must not reuse old outputs."""
+    """Installed versions of :data:`PACKAGES` (package metadata, no imports), and a digest of this package's source:
+    an editable install whose code changed without a version bump must not reuse old outputs."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}

@@ -22,7 +22,9 @@ from app.store.files import read_json
 FOLDERS = {"sample": "samples", "train": "model", "evaluate": "results"}
 GIVEN_KEYS = {"sample": "sampling.samples_dir", "train": "training.model_dir", "evaluate": "evaluation.results_dir"}
 # Settings that do not change a stage's output: left out of its key and of the provenance checks.
-NOT_OUTPUT = {"sampling": ("samples_dir",), "training": ("model_dir", "n_workers"), "evaluation": ("results_dir",)}
+# sampling.n_processes: the theta sets are drawn from their own seeds on any number of processes (the same samples).
+NOT_OUTPUT = {"sampling": ("samples_dir", "n_processes"), "training": ("model_dir", "n_workers"),
+              "evaluation": ("results_dir",)}
 
 
 def _subtree(cfg: DictConfig, group: str) -> dict:
@@ -30,16 +32,25 @@ def _subtree(cfg: DictConfig, group: str) -> dict:
     return {k: v for k, v in tree.items() if k not in NOT_OUTPUT[group]}
 
 
-def stage_configs(cfg: DictConfig) -> dict[str, dict]:
-    """The config each stage reads (resolved, plain), by stage. Upstream stages are covered by the upstream key."""
+def stage_configs(cfg: DictConfig, device: str | None = None) -> dict[str, dict]:
+    """The config each stage reads (resolved, plain), by stage. Upstream stages are covered by the upstream key.
+
+    ``device``: the device ``training.device`` resolved to on this machine (:func:`app.ml.device.resolve`), keyed in
+    its place: ``auto`` is ``cuda`` on a GPU node and ``cpu`` elsewhere, and a model made on one is not the other's.
+    """
     sampling = _subtree(cfg, "sampling")
+    training = _subtree(cfg, "training")
+    if device is not None:
+        training["device"] = device
     return {
         # double-parameterized estimators are trained on samples drawn with sample_train_more_ratios
         "sample": {"sampling": sampling, "training": {"estimator": cfg.training.estimator}}
         if cfg.training.estimator == "double_parameterized" else {"sampling": sampling},
-        "train": {"training": _subtree(cfg, "training"), "seed": cfg.seed},
-        # evaluation reads the test partition: the sampling splits, specs and seed matter too
-        "evaluate": {"evaluation": _subtree(cfg, "evaluation"), "sampling": sampling},
+        "train": {"training": training, "seed": cfg.seed},
+        # evaluation reads the test partition: the sampling splits, specs and seed matter too; the model runs on the
+        # resolved device (the batched evaluation)
+        "evaluate": {"evaluation": _subtree(cfg, "evaluation"), "sampling": sampling}
+        | ({} if device is None else {"device": device}),
     }
 
 
@@ -71,7 +82,7 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
     for upstream in ("sample", "train", "evaluate"):
         if upstream not in made_with:
             continue
-        difference = _first_difference(made_with[upstream], expected[upstream])
+        difference = _first_difference(_outputs_only(made_with[upstream]), expected[upstream])
         if difference:
             name, theirs, ours = difference
             raise UserError(
@@ -81,6 +92,13 @@ def check_given(stage: str, folder: Path, expected: dict[str, dict], data_digest
         if upstream == stage:
             break
     return provenance
+
+
+def _outputs_only(configs: dict) -> dict:
+    """A stage's recorded configs without the settings that change no output (recorded by older versions, e.g.
+    sampling.n_processes before its samples stopped depending on it)."""
+    return {group: {k: v for k, v in tree.items() if k not in NOT_OUTPUT[group]}
+            if group in NOT_OUTPUT and isinstance(tree, dict) else tree for group, tree in configs.items()}
 
 
 def _first_difference(theirs: Any, ours: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
