@@ -268,6 +268,8 @@ class TrainingConfig:
     n_workers: int = ranged(0, low=0, integer=True)  # 0 = load batches in the main process
     device: Device = Device.auto
     trainer: Trainer = Trainer.fast
+    # fast trainer on CUDA: each training step replayed from one CUDA graph (app.ml.graphs; the plain loop elsewhere)
+    compile: bool = False
     # density estimators (nde, scandal): MADE / MAF settings
     n_mades: int = ranged(3, low=1, integer=True)
     n_components: int = ranged(1, low=1, integer=True)
