@@ -12,10 +12,10 @@ import logging
 
 import numpy as np
 import pytest
+from test_fasttrain import AGREEMENT, SETTINGS, samples
 
 from app.ml import fasttrain, graphs, streaming
 from app.toy import simulator
-from test_fasttrain import AGREEMENT, SETTINGS, samples
 
 
 @pytest.fixture(scope="module")
