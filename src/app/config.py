@@ -319,6 +319,8 @@ class TrackingConfig:
     experiment_name: str = "madminer-sweeper"
     register_model: bool = False
     background: bool = True  # MLflow calls in a helper process, off the jobs' critical path (app.tracking.helper)
+    # MLflow's system metrics (CPU, memory; GPUs with pynvml) logged into each job's run (app.tracking.calls)
+    system_metrics: bool = False
 
 
 # --------------------------------------------------------------------------- top level
