@@ -96,3 +96,30 @@ def test_streamed_training_learns_as_the_in_memory_path(toy_path, tmp_path):
     # the estimator's rescaling is MadMiner's, from the files
     np.testing.assert_allclose(est.x_scaling_means, np.mean(data["x"], axis=0))
     assert streaming.wanted(None, files, ("x",), False, None) is False  # small: in memory unless asked
+
+
+def test_rows_copied_to_a_device_are_the_in_memory_training_data(toy_path, tmp_path, monkeypatch):
+    """What a GPU gets from the files (Rows.to_device, a chunk at a time) is what the in-memory path trains on: on
+    CUDA both then train identically (bench/gpu_check.sh compares the losses there)."""
+    import torch
+    from madminer.ml import ParameterizedRatioEstimator
+
+    from app.ml import estimator_kinds
+
+    monkeypatch.setattr(streaming, "CHUNK", 256)  # three chunks
+    data = samples(toy_path, "alices", n=700)
+    files = _files(data, tmp_path)
+    kind = estimator_kinds.kinds()[ParameterizedRatioEstimator]
+    prepared = {}
+    for on_disk in (False, True):
+        estimator = ParameterizedRatioEstimator(n_hidden=(8,))
+        if on_disk:
+            rows, _ = streaming.prepare(estimator, kind, "alices", dict(files), True, True)
+            prepared[on_disk] = rows.to_device(torch.device("cpu"))
+        else:
+            arrays, _ = fasttrain._prepare(estimator, kind, "alices", dict(files), True, True, False, None)
+            prepared[on_disk] = streaming.tensors(arrays, torch.device("cpu"))
+    assert list(prepared[True]) == list(prepared[False]) == ["x", "theta", "y", "r_xz", "t_xz"]
+    for name, tensor in prepared[False].items():
+        assert torch.equal(prepared[True][name], tensor), name
+    assert float(prepared[True]["theta"].std()) == pytest.approx(1.0, abs=0.05)  # rescaled, not the raw thetas
