@@ -3,15 +3,15 @@
 On a GPU the plain loop is bound by kernel launches (about 3 ms a step at any batch on an H200: the forward pass,
 the score's double backward, the loss and the optimizer are a few hundred small kernels). :class:`GraphSteps`
 records one training step (gather the batch, forward, loss, backward, gradient clipping, the optimizer's update)
-once as a CUDA graph and replays it: a step is then one graph launch plus two small copies.
+once as a CUDA graph and replays it: a step is then one graph launch plus two small copies (one graph for the
+full batches, one for the epoch's last, shorter batch).
 
 It trains exactly as the plain loop does: the same permutation per epoch (``torch.randperm``), the same batches
 (``index_select`` of the shuffled indices instead of slicing a shuffled copy: the same rows), the same
 forward/backward/update. What differs is only how the work is launched, and the optimizer: Adam/AMSGrad with
 ``capturable=True`` and the learning rate as a tensor on the device (the graph reads it; MadMiner's per-epoch
-schedule is written into it), fused as in the plain loop. The first :data:`WARMUP` full batches run eagerly on a
-side stream (the optimizer's state must exist before the capture), the last, shorter batch of an epoch runs
-eagerly too.
+schedule is written into it), fused as in the plain loop. The first :data:`WARMUP` steps run eagerly on a side
+stream (the optimizer's state must exist before the capture).
 
 ``torch.compile`` is no alternative here: AOTAutograd does not support the double backward of the score
 estimators (``torch.compile with aot_autograd does not currently support double backward``, torch 2.13).
@@ -28,7 +28,7 @@ import logging
 
 log = logging.getLogger(__name__)
 
-WARMUP = 3  # full batches run eagerly (on a side stream) before the capture
+WARMUP = 3  # steps run eagerly (on a side stream) before the first capture
 
 
 def usable(device, optimizer) -> bool:
@@ -58,10 +58,9 @@ class GraphSteps:
         self.model, self.forward, self.loss_functions, self.loss_weights = model, forward, loss_functions, loss_weights
         self.opt, self.clip_gradient, self.batch_size, self.capture = opt, clip_gradient, batch_size, capture
         self.params = list(model.parameters())
-        self.graph = None
-        self.out = None  # the replayed step's [loss, *terms]
-        self.idx = None  # the replayed step's batch indices (static)
-        self.done = 0  # full batches run so far (the first WARMUP eagerly)
+        self.graphs: dict[int, tuple] = {}  # rows of a batch -> (graph, its static indices, its [loss, *terms])
+        self.failed = False  # a capture failed: the plain loop's steps from then on
+        self.done = 0  # steps run so far (the first WARMUP eagerly)
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -75,16 +74,16 @@ class GraphSteps:
         totals = []
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            if len(idx) < self.batch_size or not self.capture:
+            if not self.capture:
                 step = self._eager(train, idx)
-            elif self.done < WARMUP or self.graph is False:
+            elif self.done < WARMUP or self.failed:
                 step = self._side_stream(train, idx)
             else:
                 step = self._replay(train, idx)
             if step is None:
                 return totals, True
             totals.append(step)
-            self.done += len(idx) == self.batch_size
+            self.done += 1
         return totals, False
 
     def _step(self, train: dict, idx):
@@ -122,26 +121,33 @@ class GraphSteps:
         return out
 
     def _replay(self, train: dict, idx):
+        """The step on ``idx`` from the graph for its batch size (captured at its first use: the full batches' and
+        the epoch's last, shorter one's)."""
+        found = self.graphs.get(len(idx)) or self._capture(train, idx)
+        if found is None:
+            return self._side_stream(train, idx)
+        graph, static_idx, out = found
+        static_idx.copy_(idx)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, train: dict, idx):
         import torch
 
-        if self.graph is None:
-            self.idx = idx.clone()
-            graph = torch.cuda.CUDAGraph()
-            for p in self.params:
-                p.grad = None
-            try:
-                with torch.cuda.graph(graph):
-                    self.out = self._step(train, self.idx)
-            except RuntimeError as err:
-                log.warning(
-                    "training.compile: the CUDA graph capture failed (%s); training with the plain loop",
-                    str(err).splitlines()[0][:200],
-                )
-                self.graph = False
-                return self._side_stream(train, idx)
-            self.graph = graph
-            log.info("training.compile: the training step runs as one CUDA graph")
-        else:
-            self.idx.copy_(idx)
-        self.graph.replay()
-        return self.out.clone()
+        static_idx = idx.clone()
+        graph = torch.cuda.CUDAGraph()
+        for p in self.params:
+            p.grad = None
+        try:
+            with torch.cuda.graph(graph):  # its own memory pool: nothing of one graph's replay lives in another's
+                out = self._step(train, static_idx)
+        except Exception as err:  # noqa: BLE001 - whatever made the capture fail, the plain loop goes on
+            log.warning(
+                "training.compile: the CUDA graph capture failed (%s); training with the plain loop",
+                str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
+            )
+            self.failed = True
+            return None
+        self.graphs[len(idx)] = (graph, static_idx, out)
+        log.info("training.compile: the training step at batch %d runs as one CUDA graph", len(idx))
+        return self.graphs[len(idx)]
