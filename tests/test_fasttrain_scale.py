@@ -123,3 +123,22 @@ def test_rows_copied_to_a_device_are_the_in_memory_training_data(toy_path, tmp_p
     for name, tensor in prepared[False].items():
         assert torch.equal(prepared[True][name], tensor), name
     assert float(prepared[True]["theta"].std()) == pytest.approx(1.0, abs=0.05)  # rescaled, not the raw thetas
+
+
+def test_compile_leaves_the_training_key_alone():
+    """training.compile takes the plain loop's steps: a model trained either way is reused by the other."""
+    from omegaconf import OmegaConf
+
+    from app.store import provenance
+
+    def train_config(**training):
+        cfg = {
+            "sampling": {"n_samples": 10},
+            "evaluation": {"results_dir": None},
+            "seed": 1,
+            "training": {"estimator": "parameterized", "n_workers": 0, "model_dir": None, **training},
+        }
+        return provenance.stage_configs(OmegaConf.create(cfg))["train"]
+
+    assert train_config(compile=True) == train_config(compile=False)
+    assert train_config(compile=True, batch_size=64) != train_config(compile=True, batch_size=128)

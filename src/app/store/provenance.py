@@ -21,8 +21,10 @@ from app.store.files import read_json
 
 FOLDERS = {"sample": "samples", "train": "model", "evaluate": "results"}
 GIVEN_KEYS = {"sample": "sampling.samples_dir", "train": "training.model_dir", "evaluate": "evaluation.results_dir"}
-# Settings that do not change a stage's output: left out of its key and of the provenance checks.
-NOT_OUTPUT = {"sampling": ("samples_dir",), "training": ("model_dir", "n_workers"), "evaluation": ("results_dir",)}
+# Settings that do not change a stage's output: left out of its key and of the provenance checks (training.compile
+# replays the plain loop's steps from a CUDA graph: the same losses, app.ml.graphs).
+NOT_OUTPUT = {"sampling": ("samples_dir",), "training": ("model_dir", "n_workers", "compile"),
+              "evaluation": ("results_dir",)}
 
 
 def _subtree(cfg: DictConfig, group: str) -> dict:
