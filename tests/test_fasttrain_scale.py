@@ -93,6 +93,9 @@ def test_streamed_training_learns_as_the_in_memory_path(toy_path, tmp_path):
     assert abs(float(np.min(streamed)) - float(np.min(in_memory))) < AGREEMENT["alices"], (streamed, in_memory)
     assert float(np.min(untrained)) - float(np.min(streamed)) > AGREEMENT["alices"], (untrained, streamed)
     assert len(train_streamed) == SETTINGS["alices"]["train"]["n_epochs"]
+    # an in-sample split takes the files' last rows: it validates on rows it does not train on, and learns
+    _, (_, split) = _train({k: v for k, v in files.items() if not k.endswith("_val")}, stream=True)
+    assert float(np.min(untrained)) - float(np.min(split)) > AGREEMENT["alices"] / 2, (untrained, split)
     # the estimator's rescaling is MadMiner's, from the files
     np.testing.assert_allclose(est.x_scaling_means, np.mean(data["x"], axis=0))
     assert streaming.wanted(None, files, ("x",), False, None) is False  # small: in memory unless asked
