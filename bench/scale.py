@@ -9,6 +9,12 @@ of its process (``ru_maxrss`` from ``wait4``). With ``--also F`` it runs the sam
 event and sample counts scaled by F and prints, per stage, how time and memory grow: a stage whose time
 grows faster than the size (exponent > 1.2 over a 10x step) is flagged. Goals (issue 9): each stage
 <= 2 min and <= 4 GB peak RSS on 2 cores at 10^6 events / 10^5 samples.
+
+    python bench/scale.py --big-samples 10000000 --big-only   # the 10^7-sample row alone
+
+``--big-samples N`` adds a row: the sample stage at N samples (and N/4 validation samples) on the same toy, then
+one epoch of training on them (batch ``--big-batch``): the fast trainer reads them memory-mapped and batches them
+in disk order (``app.ml.streaming``). Goal (issue 20): the training's peak RSS under 2 GB at 10^7 samples.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 GOAL_SECONDS, GOAL_GB = 120.0, 4.0
+BIG_TRAIN_GB = 2.0  # the 10^7-sample training's peak RSS
 
 
 def measure(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, str]:
@@ -58,6 +65,19 @@ def chain(work: Path, events: int, samples: int, epochs: int, resolution: int, s
     return results
 
 
+def big(work: Path, events: int, samples: int, batch: int, seed: int) -> dict[str, tuple]:
+    """The sample stage at ``samples`` and one epoch of training on them, each in its own process."""
+    cache = work / "cache"
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    common = [f"data.n_events={events}", f"data.seed={seed}", "tracking=disabled", "cache.enabled=false",
+              f"seed={seed}", f"sampling.n_samples={samples}"]
+    app = [sys.executable, "-m", "app"]
+    results = {"sample": measure([*app, "stage=sample", *common, f"hydra.run.dir={work}/sample"], env, work)}
+    train = ["training.n_epochs=1", f"training.batch_size={batch}", f"sampling.samples_dir={work}/sample/samples"]
+    results["train"] = measure([*app, "stage=train", *common, *train, f"hydra.run.dir={work}/train"], env, work)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -66,17 +86,35 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=25)
     parser.add_argument("--also", type=float, default=None, help="also run at this fraction of the sizes")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--big-samples", type=int, default=0, help="also: sample this many, train 1 epoch on them")
+    parser.add_argument("--big-batch", type=int, default=4096)
+    parser.add_argument("--big-only", action="store_true", help="only the --big-samples row")
     args = parser.parse_args()
     sizes = [(args.events, args.samples)]
     if args.also:
         sizes.insert(0, (int(args.events * args.also), int(args.samples * args.also)))
     runs = []
-    for events, samples in sizes:
+    for events, samples in [] if args.big_only else sizes:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
             print(f"running: {events} events, {samples} samples, {args.epochs} epochs, "
                   f"{args.resolution}x{args.resolution} grid", flush=True)
             runs.append(((events, samples), chain(Path(tmp), events, samples, args.epochs, args.resolution,
                                                   args.seed)))
+    if args.big_samples:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-big-") as tmp:
+            print(f"running: {args.events} events, {args.big_samples} samples, 1 epoch at batch {args.big_batch}",
+                  flush=True)
+            found = big(Path(tmp), args.events, args.big_samples, args.big_batch, args.seed)
+        print(f"\n{'stage':<9} {'events':>9} {'samples':>8} {'wall s':>8} {'peak GB':>8}")
+        for stage, (wall, rss, out) in found.items():
+            met = "met" if rss <= BIG_TRAIN_GB else "NOT met"
+            goal = f"  goal <= {BIG_TRAIN_GB:.0f} GB: {met}" if stage == "train" else ""
+            print(f"{stage:<9} {args.events:>9} {args.big_samples:>8} {wall:>8.1f} {rss:>8.2f}{goal}")
+            for line in out.splitlines():
+                if "stage " in line and " done in " in line or "memory-mapped" in line:
+                    print(f"          {line.split(' - ', 1)[-1]}")
+    if not runs:
+        return
     print(f"\n{'stage':<9} {'events':>9} {'samples':>8} {'wall s':>8} {'peak GB':>8}  goal (<= {GOAL_SECONDS:.0f} s, "
           f"<= {GOAL_GB:.0f} GB)")
     for (events, samples), results in runs:

@@ -9,6 +9,10 @@ second and per CPU second of the process (the steadier figure on a shared machin
     python bench/trainer.py [--samples 20000] [--epochs 3] [--threads 1] [--repeat 3]
     python bench/trainer.py --agreement 10     # final validation losses of both trainers over seeds
 
+--compile (with a GPU): the fast trainer's plain loop and its CUDA-graph loop (``training.compile=true``,
+app.ml.graphs) side by side at each GPU batch size: the loop rates, their ratio, and whether both gave the same
+losses, epoch by epoch (goal, issue 20: >= 100 M samples/s at batch 65536 on an H200).
+
 --agreement N trains alices, sally and nde with both trainers for seeds 0..N-1 (the data of
 tests/test_fasttrain.py) and prints, per method, the largest |fast - madminer| of the best validation
 loss next to the seed-to-seed spread: the tolerance of the test comes from these numbers.
@@ -54,8 +58,9 @@ def cuda_hidden(hide: bool):
         torch.cuda.is_available = original
 
 
-def time_one(trainer, data, device, batch_size, epochs, seed=0):
-    """(training samples per wall second, per CPU second of this process, the loop rate of :func:`_loop_rate`)."""
+def time_one(trainer, data, device, batch_size, epochs, seed=0, compile=False):
+    """(training samples per wall second, per CPU second of this process, the loop rate of :func:`_loop_rate`,
+    the (train, validation) losses per epoch)."""
     import numpy as np
     import torch
     from madminer.ml import ParameterizedRatioEstimator
@@ -66,18 +71,20 @@ def time_one(trainer, data, device, batch_size, epochs, seed=0):
     torch.manual_seed(seed)
     estimator = ParameterizedRatioEstimator(n_hidden=(50, 50))
     kwargs = dict(method="alices", n_epochs=epochs, batch_size=batch_size, n_workers=0, verbose="none", **data)
+    if compile:
+        kwargs["compile"] = True
     reports = []  # when each epoch was reported: through MadMiner's per-epoch report, as the train stage sees it
     with cuda_hidden(device == "cpu"), madminer_patches.epoch_reports(lambda *_: reports.append(time.perf_counter())):
         if device == "cuda":
             torch.cuda.synchronize()
         start, cpu = time.perf_counter(), time.process_time()
-        fasttrain.fit(estimator, trainer, device, **kwargs)
+        losses = fasttrain.fit(estimator, trainer, device, **kwargs)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     n_train = len(data["x"]) - int(0.25 * len(data["x"]))
     n_samples = n_train * epochs
-    return n_samples / seconds, n_samples / cpu_seconds, _loop_rate(trainer, reports, n_train)
+    return n_samples / seconds, n_samples / cpu_seconds, _loop_rate(trainer, reports, n_train), losses
 
 
 def _loop_rate(trainer, reports: list[float], n_train: int):
@@ -110,6 +117,26 @@ def throughput(args, data, device, batches, epochs, madminer_data=None):
             print(f"{device:<5} batch {batch_size:>6d}  fast trainer's loop between epoch reports (epochs 2+, data on "
                   f"the device): {statistics.median(loops):>14,.0f} samples/s", flush=True)  # fmt: skip
     return rows
+
+
+def compiled(data, batches, epochs, repeat):
+    """The fast trainer's plain loop vs its CUDA-graph loop on CUDA: loop rates and whether the losses are equal."""
+    import numpy as np
+
+    goal = 100e6
+    for batch_size in batches:
+        rates = {False: [], True: []}
+        losses = {}
+        for _ in range(repeat):
+            for graph in rates:
+                _, _, loop, losses[graph] = time_one("fast", data, "cuda", batch_size, epochs, compile=graph)
+                rates[graph].append(loop or float("nan"))
+        plain, graph = statistics.median(rates[False]), statistics.median(rates[True])
+        same = all(np.array_equal(a, b) for a, b in zip(losses[False], losses[True]))
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(losses[False], losses[True]))
+        met = "" if batch_size != 65536 else f"  goal >= {goal / 1e6:.0f} M/s: {'met' if graph >= goal else 'NOT met'}"
+        print(f"cuda  batch {batch_size:>6d}  loop: plain {plain:>14,.0f}/s  cuda graph {graph:>14,.0f}/s  "
+              f"{graph / plain:6.1f}x  losses {'identical' if same else f'differ (max {worst:.3g})'}{met}", flush=True)
 
 
 def agreement(args, path):
@@ -154,6 +181,7 @@ def main() -> None:
                         help="MadMiner's trainer on this many of the tiled GPU samples (its rate is per-sample)")
     parser.add_argument("--lr-scaling", action="store_true", help="GPU: validation loss vs batch size and lr")
     parser.add_argument("--agreement", type=int, default=0, metavar="N_SEEDS")
+    parser.add_argument("--compile", action="store_true", help="GPU: the CUDA-graph loop (training.compile) too")
     args = parser.parse_args()
     logging.getLogger("madminer").setLevel(logging.ERROR)
 
@@ -187,6 +215,8 @@ def main() -> None:
         time_one("fast", big, "cuda", 65536, 1)  # warm-up (CUDA context, kernels)
         time_one("madminer", data, "cuda", 1024, 1)
         throughput(args, big, "cuda", args.gpu_batches, args.gpu_epochs, madminer_data=small)
+        if args.compile:
+            compiled(big, args.gpu_batches, max(args.gpu_epochs, 3), args.repeat)
         if args.lr_scaling:
             lr_scaling(big, args.gpu_epochs)
 

@@ -260,3 +260,34 @@ def test_a_store_gone_for_good_skips_the_later_calls(monkeypatch):
     assert "/out/a" in str(gone.value) and store.failure
     with pytest.raises(calls.Skipped):  # no second line
         calls.end_run(handle="b", status="FINISHED")
+
+
+@pytest.mark.slow
+def test_system_metrics_are_logged_into_each_job_run(tmp_path, monkeypatch):
+    """tracking.system_metrics=true: MLflow's own monitor samples CPU and memory into the job's run until its end
+    (a job shorter than the sampling interval still gets its samples); a run without it gets none."""
+    from mlflow.tracking import MlflowClient
+
+    from app.tracking import calls, helper
+
+    monkeypatch.setattr(calls, "STORE", calls.Store())  # this process's own view of the store, for this test only
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.3")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = _job_dir(tmp_path, "job")
+    tracker = helper.Tracker()  # the calls made here, as in a launcher's worker
+    tracker.submit(calls.open_store, uri=uri, experiment_name="madminer-sweeper")
+    common = dict(uri=uri, experiment_name="madminer-sweeper", params={}, tags={}, output_dir=str(out), start_time=0)
+    for handle, on in (("with", True), ("without", False)):
+        tracker.submit(calls.start_job, handle=handle, run_name=handle, system_metrics=on, **common)
+        time.sleep(0.8)
+        tracker.submit(calls.finish_job, handle=handle, status="FINISHED", error=None, register_model=False)
+    assert tracker.wait() == []
+    c, runs = _runs(uri)
+    by_name = {r.info.run_name: r for r in runs}
+    with_run = by_name["with"]
+    assert with_run.info.status == "FINISHED" and with_run.data.tags["system_metrics.gpu"] == "false"
+    history = MlflowClient(uri).get_metric_history(with_run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and all(0 <= m.value <= 100 for m in history), history
+    assert with_run.data.metrics["system/system_memory_usage_megabytes"] > 10
+    assert not [k for k in by_name["without"].data.metrics if k.startswith("system/")]
+    assert not calls.STORE.monitors  # every monitor stopped

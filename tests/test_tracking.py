@@ -90,12 +90,16 @@ def test_multirun_is_a_parent_with_children_in_worker_processes(run_app, tmp_pat
     run_app(
         "-m", *TINY, "training=alices,sally", f"tracking.uri={sqlite_uri}",
         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep",
-        tracking="local",
+        "tracking.system_metrics=true", tracking="local",
     )
     c, runs = _runs(sqlite_uri)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
+    # MLflow's system metrics, logged by each worker into its child (the parent has none); no GPU here
+    assert all("system/cpu_utilization_percentage" in r.data.metrics for r in children)
+    assert not any(k.startswith("system/") for k in parents[0].data.metrics)
+    assert all(r.data.tags["system_metrics.gpu"] == "false" and "gpu.index" not in r.data.tags for r in children)
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}

@@ -269,6 +269,8 @@ class TrainingConfig:
     n_workers: int = ranged(0, low=0, integer=True)  # 0 = load batches in the main process
     device: Device = Device.auto
     trainer: Trainer = Trainer.fast
+    # fast trainer on CUDA: each training step replayed from one CUDA graph (app.ml.graphs; the plain loop elsewhere)
+    compile: bool = False
     # density estimators (nde, scandal): MADE / MAF settings
     n_mades: int = ranged(3, low=1, integer=True)
     n_components: int = ranged(1, low=1, integer=True)
@@ -318,6 +320,8 @@ class TrackingConfig:
     experiment_name: str = "madminer-sweeper"
     register_model: bool = False
     background: bool = True  # MLflow calls in a helper process, off the jobs' critical path (app.tracking.helper)
+    # MLflow's system metrics (CPU, memory; GPUs with pynvml) logged into each job's run (app.tracking.calls)
+    system_metrics: bool = False
 
 
 # --------------------------------------------------------------------------- top level

@@ -104,21 +104,25 @@ def run(cfg: DictConfig) -> float | None:
             return sample.load(folder, method)
         return train.load(folder, method) if name == "train" else evaluate.load(folder)
 
-    metrics: dict = {}
-    if "sample" in stages:
-        get("sample")
-    if "train" in stages:
-        metrics = dict(get("train").metrics)
-        if stage == "train":
-            update_json(out_dir / "results" / "metrics.json", metrics)
-    if "evaluate" in stages or "plot" in stages:
-        results = get("evaluate")
-        metrics = results.metrics
-    if "plot" in stages:
-        model_dir = loaded["train"].model_dir if "train" in loaded else (
-            Path(cfg.training.model_dir) if cfg.training.model_dir else None)
-        with _timed("plot"):
-            ctx.plots(lambda target: plot.run(results.results_dir, model_dir, target, list(info.parameters)))
+    # one GPU per job (app.ml.device.job_gpu): jobs of a sweep running at once on a node each take their own
+    with device.job_gpu(cfg.training.device, _gpu_slots(hydra_cfg), _job_num(hydra_cfg)) as gpu:
+        if gpu is not None:
+            update_json(run_file, {"gpu": gpu})  # the tracking callback records it as tags
+        metrics: dict = {}
+        if "sample" in stages:
+            get("sample")
+        if "train" in stages:
+            metrics = dict(get("train").metrics)
+            if stage == "train":
+                update_json(out_dir / "results" / "metrics.json", metrics)
+        if "evaluate" in stages or "plot" in stages:
+            results = get("evaluate")
+            metrics = results.metrics
+        if "plot" in stages:
+            model_dir = loaded["train"].model_dir if "train" in loaded else (
+                Path(cfg.training.model_dir) if cfg.training.model_dir else None)
+            with _timed("plot"):
+                ctx.plots(lambda target: plot.run(results.results_dir, model_dir, target, list(info.parameters)))
 
     update_json(run_file, {"cache": ctx.record,
                            "reused": {"samples": ctx.reused("sample"), "model": ctx.reused("train")}})
@@ -295,6 +299,17 @@ def resolved(cfg: DictConfig) -> DictConfig:
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     OmegaConf.set_struct(plain, True)
     return plain
+
+
+def _gpu_slots(hydra_cfg) -> Path | None:
+    """Where the jobs of a sweep take their GPU slots (app.ml.device.job_gpu); None for a single run."""
+    if not str(hydra_cfg.mode).endswith("MULTIRUN"):
+        return None
+    return Path(hydra_cfg.sweep.dir) / ".gpu_slots"
+
+
+def _job_num(hydra_cfg) -> int:
+    return int(OmegaConf.select(hydra_cfg, "job.num", default=0, throw_on_missing=False) or 0)
 
 
 def _share_cores(hydra_cfg) -> None:

@@ -5,16 +5,29 @@
 of a stage and restores it afterwards, and yields the device's name for everything else that runs a model (the
 fast trainer, the batched evaluation): nothing leaks into later jobs of an in-process sweep (no environment
 variables are changed).
+
+One GPU per job: jobs of a sweep that run at once on a node with several GPUs each take their own
+(:func:`job_gpu`): the first GPU slot (a lock file under the sweep dir, per host) that no running job of the sweep
+holds; torch's current device is that GPU while the job runs. A SLURM allocation with ``gpus_per_task`` shows
+each task only its own GPU (``CUDA_VISIBLE_DEVICES``): it is the one torch sees. What was chosen is returned for
+``run.json`` (the tracking callback records it as tags).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from app.errors import UserError
 from app.ml import madminer_patches
+from app.store.files import first_free_slot
+
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")  # the GPUs of a SLURM allocation, as SLURM numbers them
 
 
 def resolve(requested: str) -> str:
@@ -60,6 +73,48 @@ def use(requested: str):
     if name == "cuda":
         import torch
 
-        logging.getLogger("app").info("torch device: cuda (%s)", torch.cuda.get_device_name())
+        logging.getLogger("app").info(
+            "torch device: cuda:%d (%s)", torch.cuda.current_device(), torch.cuda.get_device_name()
+        )
     with madminer_patches.trainer_device(name):
         yield name
+
+
+@contextmanager
+def job_gpu(requested: str, slots_dir: str | Path | None, job_num: int = 0) -> Iterator[dict | None]:
+    """This job's GPU while it runs (torch's current device), and what to record about it; None without a GPU.
+
+    ``slots_dir``: where the jobs of a sweep that may run at once (joblib's workers, SLURM tasks sharing a node)
+    take GPU slots (None: a single run, which takes torch's current device). With more jobs at once than GPUs the
+    extra jobs share them (job number modulo the GPUs), which the record says.
+    """
+    if requested == "cpu":
+        yield None
+        return
+    import torch
+
+    if not torch.cuda.is_available():  # training.device=cuda fails in check(); auto runs on the CPU
+        yield None
+        return
+    n = torch.cuda.device_count()
+    record = {"count": n, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    record.update({f"{v.lower()}": os.environ[v] for v in SLURM_GPU_VARIABLES if os.environ.get(v)})
+    if slots_dir is None or n == 1:
+        index = torch.cuda.current_device()
+        how = "the only GPU this job sees" if n == 1 else "a single run: torch's current device"
+        yield {"index": index, "name": torch.cuda.get_device_name(index), "assigned": how, **record}
+        return
+    with first_free_slot(Path(slots_dir) / socket.gethostname(), n) as slot:
+        index = job_num % n if slot is None else slot
+        how = (
+            f"shared: every one of the {n} GPUs was taken, job {job_num} modulo {n}"
+            if slot is None
+            else f"slot {slot} of {n} on {socket.gethostname()}"
+        )
+        previous = torch.cuda.current_device()
+        torch.cuda.set_device(index)
+        logging.getLogger("app").info("GPU per job: cuda:%d (%s)", index, how)
+        try:
+            yield {"index": index, "name": torch.cuda.get_device_name(index), "assigned": how, **record}
+        finally:
+            torch.cuda.set_device(previous)

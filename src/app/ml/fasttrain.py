@@ -24,6 +24,10 @@ Differences from MadMiner 0.9.6 (all deliberate):
   SMALL_BATCH train on one torch thread;
 - NaNs are checked once per epoch (one device sync) instead of per batch: an epoch that produced a
   NaN loss ends training and its weights are discarded (MadMiner: the batch before the NaN).
+- each epoch's learning rate is rounded to float32 (the precision of the weights it scales), the value a step
+  replayed from a CUDA graph reads from its tensor (``training.compile``, :mod:`app.ml.graphs`);
+- above ``streaming.STREAM_ABOVE`` samples the sample files are read memory-mapped and, on the CPU, batched in
+  disk order (:mod:`app.ml.streaming`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from app.ml import device as app_device
-from app.ml import estimator_kinds
+from app.ml import estimator_kinds, graphs, streaming
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ def train(
     n_workers=8,
     clip_gradient=None,
     early_stopping_patience=None,
+    stream=None,
+    compile=False,
     **arrays,
 ):
     """``estimator.train(method, ...)`` with the fast loop; returns ``(losses_train, losses_val)`` like MadMiner.
@@ -97,7 +103,9 @@ def train(
     ``y``, ``theta``, ``r_xz``, ``t_xz``, ``theta0``/``theta1``/``t_xz0``/``t_xz1`` and their ``_val``
     variants) plus ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``n_workers`` has
     no effect (there is no DataLoader). Estimators of other classes, and ``memmap=True``, go to MadMiner's
-    own ``train()``.
+    own ``train()``. ``stream``: read the sample files memory-mapped (:mod:`app.ml.streaming`; None = above
+    ``streaming.STREAM_ABOVE`` samples). ``compile``: the step as a CUDA graph on CUDA (:mod:`app.ml.graphs`;
+    the plain loop elsewhere).
     """
     from madminer import ml
 
@@ -121,9 +129,12 @@ def train(
             raise RuntimeError("Please provide morphing setup during instantiation of a morphing-aware estimator!")
         scale_parameters = False  # as their own train() does
 
-    data, data_val = _prepare(
-        estimator, kind, method, arrays, scale_inputs, scale_parameters, shuffle_labels, limit_samplesize
-    )
+    if streaming.wanted(stream, arrays, kind.inputs, shuffle_labels, limit_samplesize):
+        data, data_val = streaming.prepare(estimator, kind, method, arrays, scale_inputs, scale_parameters)
+    else:
+        data, data_val = _prepare(
+            estimator, kind, method, arrays, scale_inputs, scale_parameters, shuffle_labels, limit_samplesize
+        )
     if estimator.model is None:
         estimator._create_model()
     from madminer.utils.ml.utils import get_loss, get_optimizer
@@ -156,6 +167,7 @@ def train(
             early_stopping_patience=early_stopping_patience,
             clip_gradient=clip_gradient,
             verbose=verbose,
+            compile=compile,
         )
 
 
@@ -261,36 +273,49 @@ def _fit(
     early_stopping_patience,
     clip_gradient,
     verbose,
+    compile=False,
 ):
     import torch
     from madminer.utils.ml import trainer as mm_trainer
 
     Trainer = mm_trainer.Trainer
     model = model.to(device, torch.float)
-    train = {k: torch.as_tensor(np.asarray(v), dtype=torch.float, device=device) for k, v in data.items()}
-    n = len(train["x"])
+    train = streaming.tensors(data, device)
+    n = streaming.size(train)
     if data_val is not None:
-        val = {k: torch.as_tensor(np.asarray(v), dtype=torch.float, device=device) for k, v in data_val.items()}
+        val = streaming.tensors(data_val, device)
     elif validation_split is not None and validation_split > 0.0:
         assert 0.0 < validation_split < 1.0, f"Wrong validation split: {validation_split}"
-        indices = np.random.permutation(n)  # MadMiner's split: the same draw from numpy's global generator
         split = int(np.floor(validation_split * n))
-        val_idx = torch.as_tensor(indices[:split], device=device)
-        train_idx = torch.as_tensor(indices[split:], device=device)
-        val = {k: v[val_idx] for k, v in train.items()}
-        train = {k: v[train_idx] for k, v in train.items()}
-        n = len(train_idx)
+        if isinstance(train, streaming.Rows):  # on disk: the last rows (the files are in shuffled order)
+            train, val = train.split(n - split)
+        else:
+            indices = np.random.permutation(n)  # MadMiner's split: the same draw from numpy's global generator
+            val_idx = torch.as_tensor(indices[:split], device=device)
+            train_idx = torch.as_tensor(indices[split:], device=device)
+            val = {k: v[val_idx] for k, v in train.items()}
+            train = {k: v[train_idx] for k, v in train.items()}
+        n = streaming.size(train)
     else:
         val = None
-    if val is not None and len(val["x"]) == 0:
+    if val is not None and streaming.size(val) == 0:
         log.warning("fast trainer: the validation set is empty; training without validation")
         val = None
     for label, tensors in (("Training data", train), ("Validation data", val or {})):
-        if any(bool(torch.isnan(t).any()) for t in tensors.values()):
+        if streaming.has_nan(tensors):
             log.warning("%s contains NaNs, aborting training!", label)
             return np.array([]), np.array([])
 
-    opt = _optimizer(optimizer, model, initial_lr, optimizer_kwargs)
+    steps = None
+    if compile and isinstance(train, dict) and graphs.usable(device, optimizer):
+        opt = graphs.make_optimizer(optimizer, model, initial_lr, optimizer_kwargs, device)
+        steps = graphs.GraphSteps(
+            model, forward, loss_functions, loss_weights, opt, clip_gradient, batch_size, capture=device.type == "cuda"
+        )
+    else:
+        if compile:
+            log.info("training.compile: CUDA graphs need CUDA and Adam/AMSGrad; training with the plain loop")
+        opt = _optimizer(optimizer, model, initial_lr, optimizer_kwargs)
     params = list(model.parameters())
     early_stopping = early_stopping and val is not None and epochs > 1
     if verbose not in ("all", "none", *_VERBOSE_EVERY):
@@ -301,15 +326,19 @@ def _fit(
     losses_train, losses_val = [], []
     loss_val = None
     for i_epoch in range(epochs):
-        Trainer.set_lr(opt, Trainer.calculate_lr(i_epoch, epochs, initial_lr, final_lr))
+        # rounded to float32, as a step replayed from a CUDA graph reads it (app.ml.graphs): the same step either way
+        lr = float(np.float32(Trainer.calculate_lr(i_epoch, epochs, initial_lr, final_lr)))
+        if steps is not None:
+            steps.set_lr(lr)
+        else:
+            Trainer.set_lr(opt, lr)
         before = _copy_state(model)
         model.train()
-        order = torch.randperm(n, device=device)
-        shuffled = {k: v[order] for k, v in train.items()}
         totals = []
         diverged = False
-        for start in range(0, n, batch_size):
-            batch = {k: v[start : start + batch_size] for k, v in shuffled.items()}
+        if steps is not None:
+            totals, diverged = steps.epoch(train, n)
+        for batch in () if steps is not None else streaming.batches(train, n, batch_size, device):
             try:
                 contributions = forward(model, batch, loss_functions, True)
             except RuntimeError as err:  # BCELoss refuses NaN outputs (MadMiner checks them before its losses)
@@ -397,10 +426,9 @@ def _validation_loss(model, forward, val, loss_functions, loss_weights) -> list[
     from madminer.utils.ml.trainer import Trainer
 
     model.eval()
-    n = len(val["x"])
+    n = streaming.size(val)
     sums = 0.0
-    for start in range(0, n, VALIDATION_CHUNK):
-        chunk = {k: v[start : start + VALIDATION_CHUNK] for k, v in val.items()}
+    for chunk in streaming.chunks(val, VALIDATION_CHUNK, next(model.parameters()).device):
         contributions = forward(model, chunk, loss_functions, False)
         loss = Trainer.sum_losses(contributions, loss_weights)
         sums = sums + len(chunk["x"]) * torch.stack([loss.detach()] + [c.detach() for c in contributions])

@@ -115,6 +115,8 @@ def run(
     )
     if method.family != "score":
         kwargs["alpha"] = t.alpha
+    if t.trainer == "fast":
+        kwargs["compile"] = t.compile  # CUDA graphs (app.ml.graphs); MadMiner's train() has no such option
     if t.trainer == "madminer" and validation and not in_sample:
         kwargs.update(_prescaled_validation_thetas(kwargs, estimator_kind))
 

@@ -58,6 +58,27 @@ def locked(lock_file: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextmanager
+def first_free_slot(folder: str | Path, n: int) -> Iterator[int | None]:
+    """Hold the first of ``n`` slots (``folder/slot-<i>.lock``, a non-blocking ``flock`` each) that no other process
+    holds, for the block: yields its number, or None when all ``n`` are held. A process that dies frees its slot."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        fd = os.open(folder / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield i
+        finally:
+            os.close(fd)  # releases the slot
+        return
+    yield None
+
+
 def write_json(target: str | Path, data: Any) -> Path:
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")

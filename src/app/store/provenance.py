@@ -22,8 +22,9 @@ from app.store.files import read_json
 FOLDERS = {"sample": "samples", "train": "model", "evaluate": "results"}
 GIVEN_KEYS = {"sample": "sampling.samples_dir", "train": "training.model_dir", "evaluate": "evaluation.results_dir"}
 # Settings that do not change a stage's output: left out of its key and of the provenance checks.
-# sampling.n_processes: the theta sets are drawn from their own seeds on any number of processes (the same samples).
-NOT_OUTPUT = {"sampling": ("samples_dir", "n_processes"), "training": ("model_dir", "n_workers"),
+# sampling.n_processes: the theta sets are drawn from their own seeds on any number of processes (the same samples);
+# training.compile replays the plain loop's steps from a CUDA graph: the same losses (app.ml.graphs).
+NOT_OUTPUT = {"sampling": ("samples_dir", "n_processes"), "training": ("model_dir", "n_workers", "compile"),
               "evaluation": ("results_dir",)}
 
 

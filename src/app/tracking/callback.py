@@ -203,7 +203,8 @@ class MLflowCallback(Callback):
             experiment_name=config.tracking.experiment_name, run_name=_run_name(config),
             params=backend.flatten(redaction.redact(job_cfg)), tags={**_job_tags(config), **backend.process_tags()},
             output_dir=str(hydra.runtime.output_dir), start_time=_ms(), parent=parent,
-            parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"))
+            parent_env=os.environ.get(PARENT_ENV), env_run=os.environ.get("MLFLOW_RUN_ID"),
+            system_metrics=bool(config.tracking.get("system_metrics", False)))
         if not tracker.remote and created.exception() is not None:  # the store failed here: one line, as at the end
             _report(tracker, config)
         _active.update(handle=handle, parent=parent, tracking_seconds=time.perf_counter() - started)

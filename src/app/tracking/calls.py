@@ -45,6 +45,7 @@ class Store:
     runs: dict[str, str] = field(default_factory=dict)  # handle -> run id
     closed: set[str] = field(default_factory=set)  # handles that take no more calls (start failed, or ended)
     dirs: dict[str, str] = field(default_factory=dict)  # handle -> the job's output dir (or the sweep dir)
+    monitors: dict = field(default_factory=dict)  # handle -> MLflow's SystemMetricsMonitor of the job's run
 
     def client(self):
 
@@ -172,8 +173,9 @@ def start_parent(*, handle: str, name: str, tags: dict, start_time: int, sweep_d
 @reported
 def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, params: dict, tags: dict,
               output_dir: str, start_time: int, parent: dict | None = None, parent_env: str | None = None,
-              env_run: str | None = None) -> str:
-    """Create the job's run (or take over the one ``mlflow run`` made) with its params and tags."""
+              env_run: str | None = None, system_metrics: bool = False) -> str:
+    """Create the job's run (or take over the one ``mlflow run`` made) with its params and tags; with
+    ``system_metrics``, MLflow's system-metrics logging into it until the job ends (:func:`start_system_metrics`)."""
 
     STORE.dirs[handle] = output_dir
     try:
@@ -206,7 +208,42 @@ def start_job(*, handle: str, uri: str, experiment_name: str, run_name: str, par
     update_json(Path(output_dir) / "run.json", {"mlflow_run_id": run_id})
     backend.log_params(c, run_id, params)
     backend.set_tags(c, run_id, tags)
+    if system_metrics:
+        start_system_metrics(handle, run_id)
     return run_id
+
+
+def start_system_metrics(handle: str, run_id: str) -> None:
+    """MLflow's own system-metrics logging (what ``mlflow.start_run(log_system_metrics=True)`` starts: CPU, memory,
+    disk, network, and the GPUs with pynvml) into the job's run, from this process, until :func:`stop_system_metrics`.
+
+    The monitor is MLflow's ``SystemMetricsMonitor`` itself: the runs here are made through the client, not the
+    fluent API, whose active run would clash with the model registration's ``mlflow.start_run``. Its sampling interval
+    is MLflow's (10 s; ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets it). A tag says whether GPU metrics are in.
+    """
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as err:  # psutil missing
+        log.warning("tracking.system_metrics=true needs psutil (pip install psutil): no system metrics (%s)", err)
+        return
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=STORE.uri)
+    gpu = any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in monitor.monitors)
+    backend.set_tags(STORE.client(), run_id, {"system_metrics.gpu": str(gpu).lower()})
+    monitor.start()
+    STORE.monitors[handle] = monitor
+
+
+def stop_system_metrics(handle: str) -> None:
+    """Stop the job's monitor; the samples taken since its last report (a job shorter than the interval has only
+    those) are logged as one more step."""
+    monitor = STORE.monitors.pop(handle, None)
+    if monitor is None:
+        return
+    monitor.finish()
+    leftover = monitor.aggregate_metrics()
+    if leftover:
+        monitor.publish_metrics(leftover)
+        monitor.mlflow_logger.flush()
 
 
 @reported
@@ -215,6 +252,7 @@ def finish_job(*, handle: str, status: str, error: str | None, register_model: b
     """Everything the job produced (read from its output dir), then its end. If the store fails on the way, the run
     stays RUNNING (closed as FAILED later: ``close-orphans``, or the next run)."""
 
+    stop_system_metrics(handle)  # the job's work is over: what follows is this call's own
     run_id = STORE.run(handle)
     c = STORE.client()
     parent_id = None
@@ -230,6 +268,7 @@ def finish_job(*, handle: str, status: str, error: str | None, register_model: b
 @reported
 def end_run(*, handle: str, status: str, error: str | None = None, end_time: int | None = None) -> None:
     """End a job's run at ``end_time`` (ms: when the job ended); for Ctrl-C and bad input, which skip the job's end."""
+    stop_system_metrics(handle)
     _end(STORE.client(), handle, STORE.run(handle), status, error, end_time)
 
 

@@ -32,6 +32,7 @@ def log_job(c, run_id: str, out: Path, register_model: bool, objective: float | 
         tags.update({"data.path": run_info["data_path"], "data.sha256": run_info.get("data_sha256")})
         log_dataset(c, run_id, run_info)
     tags.update({f"objective.{k}": v for k, v in (run_info.get("objective") or {}).items()})
+    tags.update({f"gpu.{k}": v for k, v in (run_info.get("gpu") or {}).items()})  # the job's GPU (app.ml.device)
     backend.set_tags(c, run_id, tags)
 
     try:
