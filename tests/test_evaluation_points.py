@@ -108,7 +108,8 @@ def _exact_fisher(toy_path, truth, theta, luminosity, test_split):
     x, weights_benchmarks = fisher.weighted_events(start_event=start)
     weights = fisher._get_theta_benchmark_matrix(theta) @ weights_benchmarks.T
     t = truth.score(x, theta)
-    kinematic = luminosity * float(fisher._calculate_xsec(theta=theta)) * np.einsum("n,ni,nj->ij", weights / weights.sum(), t, t)
+    sigma = float(fisher._calculate_xsec(theta=theta))
+    kinematic = luminosity * sigma * np.einsum("n,ni,nj->ij", weights / weights.sum(), t, t)
     eps = 1e-4
     grad = np.array([(truth.cross_section(theta + eps * e) - truth.cross_section(theta - eps * e)) / (2 * eps)
                      for e in np.eye(2)]).ravel()  # fmt: skip

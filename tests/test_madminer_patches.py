@@ -357,7 +357,8 @@ def test_models_trained_without_input_scaling_evaluate(toy_path, tmp_path):
     with pytest.raises(ValueError, match="broadcast"):
         estimator.evaluate_score(x=x[:10])
     estimator.save(str(tmp_path / "estimator"))
-    (tmp_path / "model.json").write_text(json.dumps({"estimator": "score", "n_estimators": 1, "model_name": "estimator"}))
+    meta = {"estimator": "score", "n_estimators": 1, "model_name": "estimator"}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
     loaded = estimators.load(tmp_path)
     with torch.no_grad():
         by_hand = estimator.model(torch.tensor(x[:10], dtype=torch.float)).numpy()
