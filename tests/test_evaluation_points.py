@@ -143,3 +143,17 @@ def test_full_fisher_information_is_computed_at_the_score_estimators_training_po
     assert np.max(np.linalg.eigvalsh(np.load(tmp_path / "fisher_rate.npy"))) > 1.0  # ~0.005 at the SM, ~10 at away
     assert "training point [0.0, 0.0]" in caplog.text
     assert "fisher_full_gain_over_histo" in metrics
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_models_trained_without_input_scaling_are_evaluated(run_app, tmp_path):
+    """training.scale_inputs=false: the evaluate stage used to fail ("operands could not be broadcast (10,2)
+    (300,)", MadMiner's per-event input means); now the run completes with the score metrics."""
+    import json
+
+    from conftest import TINY
+
+    run_app("training=sally", "training.scale_inputs=false", *TINY)
+    m = json.loads((tmp_path / "run" / "results" / "metrics.json").read_text())
+    assert np.isfinite(m["truth_score_mse"]) and "truth_limits_sally_iou" in m, m
