@@ -157,3 +157,24 @@ def test_models_trained_without_input_scaling_are_evaluated(run_app, tmp_path):
     run_app("training=sally", "training.scale_inputs=false", *TINY)
     m = json.loads((tmp_path / "run" / "results" / "metrics.json").read_text())
     assert np.isfinite(m["truth_score_mse"]) and "truth_limits_sally_iou" in m, m
+
+
+@pytest.mark.parametrize("kind", ["density", "double"])
+def test_registered_model_gives_the_network_theta_scaled_as_in_training(kind):
+    """The MLflow pyfunc's predictions (app.tracking.registry) for density and double-parameterized models."""
+    import pandas as pd
+
+    from app.tracking.registry import MadMinerEstimator
+
+    rng = np.random.default_rng(1)
+    x = np.column_stack([rng.uniform(20, 150, 6), rng.uniform(0, 3, 6)])
+    thetas = rng.uniform(-5, 5, (6, 2))
+    model = MadMinerEstimator()
+    model.estimator = _untrained(kind)
+    model.meta = {"observables": ["a", "b"], "parameters": ["p", "q"], "family": "density" if kind == "density" else
+                  "ratio", "estimator": "likelihood" if kind == "density" else "double_parameterized"}  # fmt: skip
+    frame = pd.DataFrame(np.hstack([x, thetas]), columns=["a", "b", "p", "q"])
+    predicted = model.predict(None, frame).to_numpy().ravel()
+    expected = [_by_hand(model.estimator, x[i : i + 1], thetas[i : i + 1], None if kind == "density" else np.zeros(2))
+                for i in range(len(x))]  # fmt: skip
+    np.testing.assert_allclose(predicted, np.ravel(expected), atol=1e-4, rtol=1e-5)

@@ -44,8 +44,13 @@ def fisher_information(cfg: DictConfig, method: Method, info: FileInfo, model_fi
                 "histo": fisher.histo_information(at, luminosity=ev.luminosity, observable=observable, bins=bins)[0],
             }
 
-        config = {"theta": at.tolist(), "luminosity": ev.luminosity, "observable": observable,
-                  "bins": np.asarray(bins).tolist(), "include_nuisance": cfg.sampling.include_nuisance}
+        config = {
+            "theta": at.tolist(),
+            "luminosity": ev.luminosity,
+            "observable": observable,
+            "bins": np.asarray(bins).tolist(),
+            "include_nuisance": cfg.sampling.include_nuisance,
+        }
         return dict(compute() if memo is None else memo("fisher", config, compute))
 
     matrices = baselines(theta)

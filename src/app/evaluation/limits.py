@@ -99,8 +99,9 @@ def expected_limits(
         elif name in MODEL_MODES:
             kwargs["model_file"] = str(model_file)
             if mode != "ml":
-                kwargs.update(hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None,
-                              histo_theta_batchsize=HISTO_THETA_BATCH)
+                kwargs.update(
+                    hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None, histo_theta_batchsize=HISTO_THETA_BATCH
+                )
             if name in THETAREF_MODES:
                 kwargs["thetaref"] = training_point(cfg, info)
         theta_grid, p_values, i_ml, llr_kin, llr_rate = _memoised(limits, kwargs, cfg.sampling.seed, memo)

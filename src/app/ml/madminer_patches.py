@@ -206,10 +206,12 @@ def batched_limits():
     not evaluate double-parameterized ratio estimators. This one evaluates every (grid point, event) pair through
     the trained torch model (:mod:`app.ml.batched`) and returns what MadMiner's returns: log r(x | theta,
     reference) for ratio estimators, MadMiner's log p(x | theta) (of the scaled inputs) for likelihood
-    estimators, the mean over the members of an Ensemble. Its adaptive binning (histograms of sallino and
-    adaptive-sally) gives MadMiner's edges without MadMiner's (grid points x events) weight matrix, and its
-    histograms filled in batches of grid points (``histo_theta_batchsize``) transform each grid point's data at that
-    grid point (MadMiner's use the first batch's points for every batch: docs/madminer-bugs.md).
+    estimators, the mean over the members of an Ensemble; but with theta standardised as in training for
+    likelihood and double-parameterized estimators, which MadMiner's evaluation omits (docs/madminer-bugs.md).
+    Its adaptive binning (histograms of sallino and adaptive-sally) gives MadMiner's edges without MadMiner's
+    (grid points x events) weight matrix, and its histograms filled in batches of grid points
+    (``histo_theta_batchsize``) transform each grid point's data at that grid point (MadMiner's use the first
+    batch's points for every batch: docs/madminer-bugs.md).
     """
     from madminer.limits import AsymptoticLimits
     from madminer.ml import DoubleParameterizedRatioEstimator as Double
