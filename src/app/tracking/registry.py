@@ -37,7 +37,6 @@ class MadMinerEstimator(mlflow.pyfunc.PythonModel):
         import numpy as np
         import pandas as pd
 
-
         frame = pd.DataFrame(model_input)
         x = frame[self.meta["observables"]].to_numpy(dtype=float)
         theta = frame[self.meta["parameters"]].to_numpy(dtype=float)
