@@ -47,22 +47,29 @@ DOUBLE = [
 ]
 
 # Bounds, measured over seeds 1-3 (docs/toy.md)
-# DOUBLE at theta_true = theta_ref = AWAY, truth_log_r_corr: trained 0.54-0.70; untrained (torch seeds 0-2 on each
-# run) -0.15-0.13; trained at theta1 = sm only (the code before the fix; seed 1) -0.03
-DOUBLE_LOG_R_CORR_MIN = 0.40
-# truth_log_r_mse: trained 1.05-1.40; untrained 1.62-2.05 (1.74-2.05 on the seed-1 run the test checks); theta1 =
-# sm only (seed 1) 2.85
-DOUBLE_LOG_R_MSE_MAX = 1.55
+# DOUBLE at theta_true = theta_ref = AWAY, truth_log_r_corr: trained 0.80-0.83; untrained (torch seeds 0-2 on each
+# run) -0.22-0.16; before the theta-scaling fix of issue 19 (raw theta into a network trained on scaled theta)
+# 0.54-0.70 (0.59 on seed 1); trained at theta1 = sm only (the code before issue 8's fix; seed 1) -0.03
+DOUBLE_LOG_R_CORR_MIN = 0.75
+# truth_log_r_mse: trained 1.30-1.33; untrained 1.62-1.84 (1.75-1.84 on the seed-1 run the test checks); before the
+# theta-scaling fix 1.05-1.40; theta1 = sm only (seed 1) 2.85
+DOUBLE_LOG_R_MSE_MAX = 1.48
 SALLY_ENSEMBLE_SCORE_MSE_MAX = 0.005  # 2 SALLY members: trained 0.0013-0.0017; untrained 0.172-0.242
 SALLY_ENSEMBLE_IOU_MIN = 0.70  # truth_limits_sally_iou: trained 0.824-0.853
 # adaptive SALLY at theta_true = thetaref = sm: 68% CL IoU 0.00-0.02 for trained and untrained networks alike (its
 # h = t.(theta - thetaref) vanishes there, as SALLINO's); best fit from the true one: trained 0.84-0.94 (seeds 1-3),
 # untrained (torch seeds 0-1 on the seed-1 and seed-2 runs) 1.47-1.70 (grid spacing 1.0)
 ADAPTIVE_SALLY_BEST_FIT_DISTANCE_MAX = 1.2
-NDE_ENSEMBLE_LOG_R_MSE_MAX = 0.80  # 2 light NDE members: trained 0.705-0.772; untrained 0.82-2.81 (thin margin)
-# NDE_MIXTURE, truth_log_likelihood_gap at theta_true = sm: trained 0.19-0.34; untrained (torch seeds 0-2 on each run)
-# 0.50-1.84 (0.50-1.84 on the seed-1 run the test checks). Without the mixtures (NDE_ENSEMBLE) trained 0.37-0.46
-# overlaps untrained 0.36-0.74; 30 epochs x 20 000 samples x 3 plain MADEs (seed 1) 0.52 vs untrained 0.49-0.54
+# NDE_ENSEMBLE (2 light NDE members), truth_log_r_mse: trained 0.625-0.665; untrained (torch seeds 0-2 on each run)
+# 0.75-1.11 (0.88-1.01 on the seed-1 run the test checks); before the theta-scaling fix of issue 19 0.705-0.772.
+# truth_log_r_corr: trained 0.46-0.52; untrained -0.36-0.32; before the fix 0.35 (seed 1)
+NDE_ENSEMBLE_LOG_R_MSE_MAX = 0.71
+NDE_ENSEMBLE_LOG_R_CORR_MIN = 0.40
+# NDE_MIXTURE, truth_log_likelihood_gap at theta_true = sm: trained 0.15-0.31; untrained (torch seeds 0-2 on each run)
+# 0.50-1.54 (0.50-1.54 on the seed-1 run the test checks). Without the mixtures (NDE_ENSEMBLE) trained 0.27-0.37
+# overlaps untrained 0.30-0.59. Its truth_log_r_mse: trained 0.575-0.598; untrained 0.82-1.09; before the
+# theta-scaling fix 1.13 (seed 1)
+NDE_MIXTURE_LOG_R_MSE_MAX = 0.70
 NDE_GAP_MAX = 0.42
 
 
@@ -218,6 +225,7 @@ def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
     run_dir = tmp_path / "run"
     m = _metrics(run_dir)
     assert m["truth_log_r_mse"] < NDE_ENSEMBLE_LOG_R_MSE_MAX, m["truth_log_r_mse"]
+    assert m["truth_log_r_corr"] > NDE_ENSEMBLE_LOG_R_CORR_MIN, m["truth_log_r_corr"]
     for key in ("truth_log_r_mse", "truth_log_likelihood_gap", "test_mean_log_likelihood"):
         assert m[f"{key}_ensemble_std"] > 0, key
     assert m["truth_log_r_mse_ensemble_std"] < m["truth_log_r_mse"]
@@ -225,6 +233,7 @@ def test_density_ensemble_meets_the_truth_bound(run_app, tmp_path):
     for seed in range(2):
         u = _untrained_density_metrics(run_dir, seed)
         assert u["truth_log_r_mse"] > NDE_ENSEMBLE_LOG_R_MSE_MAX, u
+        assert u["truth_log_r_corr"] < NDE_ENSEMBLE_LOG_R_CORR_MIN, u
 
 
 @pytest.mark.slow
@@ -236,9 +245,11 @@ def test_density_with_gaussian_mixtures_meets_the_likelihood_gap_bound(run_app, 
     run_dir = tmp_path / "run"
     m = _metrics(run_dir)
     assert m["truth_log_likelihood_gap"] < NDE_GAP_MAX, m["truth_log_likelihood_gap"]
+    assert m["truth_log_r_mse"] < NDE_MIXTURE_LOG_R_MSE_MAX, m["truth_log_r_mse"]
     for seed in range(2):
         u = _untrained_density_metrics(run_dir, seed)
         assert u["truth_log_likelihood_gap"] > NDE_GAP_MAX, u
+        assert u["truth_log_r_mse"] > NDE_MIXTURE_LOG_R_MSE_MAX, u
 
 
 # --------------------------------------------------------------------------- item 2: double-parameterized

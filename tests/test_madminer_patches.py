@@ -337,3 +337,71 @@ def test_python312_shim_lets_uproot3_import_without_find_module_and_distutils():
                                capture_output=True, text=True)  # fmt: skip
     assert with_shim.returncode == 0, with_shim.stderr[-2000:]
     assert with_shim.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- histograms filled in batches
+def test_batched_histograms_transform_each_grid_point_at_that_point(toy_path):
+    """SALLINO-style histograms (data projected on theta - thetaref, per grid point) filled 2 grid points at a time
+    equal the histograms built one grid point at a time here: the data at that point, weighted to that point.
+    MadMiner's own loop uses the first batch's points for every batch (docs/madminer-bugs.md)."""
+    from madminer.limits import AsymptoticLimits
+    from madminer.utils.histo import Histo
+
+    madminer_patches.apply_numpy_shim()
+    thetaref = np.array([0.5, -0.5])
+    grid = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [2.0, 2.0]])
+    limits = madminer_patches.batched_limits()(str(toy_path))
+    start, end, _ = limits._calculate_partition_bounds("train", 0.2)
+    x, weights_benchmarks = limits.weighted_events(start_event=start, end_event=end)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+
+    def summary(events):
+        return (events - mean) / std  # a 2-d stand-in for the estimated score
+
+    edges = [np.linspace(-4.0, 4.0, 9)]
+    processor = limits._make_score_processor("sallino", None, thetaref)
+    settings = dict(n_histo_toys=None, histo_theta_batchsize=2, test_split=0.2, processor=processor,
+                    fixed_adaptive_binning=False)  # fmt: skip
+    ours = limits._make_histos(summary, edges, grid, **settings)
+    madminers = AsymptoticLimits(str(toy_path))._make_histos(summary, edges, grid, **settings)
+    stats = summary(x)
+    for i, theta in enumerate(grid):
+        direction = (theta - thetaref) / np.linalg.norm(theta - thetaref)
+        weights = limits._get_theta_benchmark_matrix(theta) @ weights_benchmarks.T
+        expected = Histo((stats @ direction).reshape(-1, 1), weights, edges, epsilon=1.0e-12)
+        np.testing.assert_allclose(ours[i].histo, expected.histo, rtol=1e-9)
+        if i < 2:  # MadMiner's first batch is right ...
+            np.testing.assert_allclose(madminers[i].histo, expected.histo, rtol=1e-9)
+    # ... and its later batches are not (the bug this corrects)
+    assert not np.allclose(madminers[2].histo, ours[2].histo, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- scale_inputs=False
+def test_models_trained_without_input_scaling_evaluate(toy_path, tmp_path):
+    """scale_inputs=False: MadMiner saves zeros(n_events) as the input means and every evaluation fails to broadcast;
+    after observable_input_scaling the model evaluates its network on the raw observables, as MadMiner does for a
+    model without any input scaling."""
+    import torch
+    from madminer import ml
+    from madminer.sampling import SampleAugmenter, benchmark
+
+    from app.ml import estimators, fasttrain
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+    x, _, t_xz, _ = SampleAugmenter(str(toy_path)).sample_train_local(benchmark("sm"), n_samples=300)
+    estimator = ml.ScoreEstimator(n_hidden=(8,))
+    fasttrain.fit(estimator, "fast", "cpu", method="sally", x=x, t_xz=t_xz, n_epochs=1, batch_size=64,
+                  scale_inputs=False, verbose="none")  # fmt: skip
+    assert np.shape(estimator.x_scaling_means) == (300,)  # MadMiner's bug, still there
+    with pytest.raises(ValueError, match="broadcast"):
+        estimator.evaluate_score(x=x[:10])
+    estimator.save(str(tmp_path / "estimator"))
+    meta = {"estimator": "score", "n_estimators": 1, "model_name": "estimator"}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded = estimators.load(tmp_path)
+    with torch.no_grad():
+        by_hand = estimator.model(torch.tensor(x[:10], dtype=torch.float)).numpy()
+    np.testing.assert_allclose(loaded.evaluate_score(x=x[:10]), by_hand, rtol=1e-5, atol=1e-6)
+    loaded.x_scaling_means = loaded.x_scaling_stds = None  # MadMiner's own result without scaling
+    np.testing.assert_allclose(loaded.evaluate_score(x=x[:10]), by_hand, rtol=1e-5, atol=1e-6)

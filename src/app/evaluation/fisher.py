@@ -1,5 +1,6 @@
-"""Fisher information at theta_true with MadMiner's FisherInformation: the rate and histogram information
-(estimator-independent) and, for score estimators, the full information; and what the matrices say as metrics."""
+"""Fisher information with MadMiner's FisherInformation: the rate and histogram information at theta_true
+(estimator-independent) and, for score estimators, the full information at the point the estimator was trained at;
+and what the matrices say as metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.domain.datafile import FileInfo
 from app.domain.methods import Method
-from app.domain.theta import theta_true
+from app.domain.theta import theta_true, training_point
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,13 @@ def fisher_information(cfg: DictConfig, method: Method, info: FileInfo, model_fi
                        memo=None) -> dict:
     """Rate and histogram Fisher information at theta_true (through ``memo``: they do not depend on the
     estimator) and, for score methods, the full information of the estimator; ``fisher_<kind>.npy`` in ``tmp``
-    and :func:`fisher_metrics`."""
+    and :func:`fisher_metrics`.
+
+    A score estimator learned t(x | theta_s) at its training point theta_s (``sampling.theta``), and MadMiner's
+    full information uses it as the score at whatever theta it is given: it is the full information at theta_s
+    only. So it is computed there; where theta_s is not theta_true, the histogram information it is compared with
+    (``fisher_full_gain_over_histo``) is computed at theta_s too, and one log line says so
+    (``fisher_full_theta.npy`` holds theta_s)."""
     from madminer.fisherinformation import FisherInformation
 
     ev = cfg.evaluation
@@ -30,18 +37,37 @@ def fisher_information(cfg: DictConfig, method: Method, info: FileInfo, model_fi
     bins = OmegaConf.to_container(ev.fisher, resolve=True)["bins"]
     bins = np.asarray(bins, dtype=float) if isinstance(bins, list) else bins
 
-    def baselines() -> dict:
-        return {
-            "rate": fisher.rate_information(theta, luminosity=ev.luminosity)[0],
-            "histo": fisher.histo_information(theta, luminosity=ev.luminosity, observable=observable, bins=bins)[0],
-        }
+    def baselines(at: np.ndarray) -> dict:
+        def compute() -> dict:
+            return {
+                "rate": fisher.rate_information(at, luminosity=ev.luminosity)[0],
+                "histo": fisher.histo_information(at, luminosity=ev.luminosity, observable=observable, bins=bins)[0],
+            }
 
-    config = {"theta": theta.tolist(), "luminosity": ev.luminosity, "observable": observable,
-              "bins": np.asarray(bins).tolist(), "include_nuisance": cfg.sampling.include_nuisance}
-    matrices = dict(baselines() if memo is None else memo("fisher", config, baselines))
+        config = {
+            "theta": at.tolist(),
+            "luminosity": ev.luminosity,
+            "observable": observable,
+            "bins": np.asarray(bins).tolist(),
+            "include_nuisance": cfg.sampling.include_nuisance,
+        }
+        return dict(compute() if memo is None else memo("fisher", config, compute))
+
+    matrices = baselines(theta)
+    gain_reference = matrices
     if method.family == "score":
+        trained_at = training_point(cfg, info)
+        if not np.allclose(trained_at, theta):
+            log.info(
+                "full Fisher information at the score estimator's training point %s (sampling.theta), not at "
+                "theta_true %s: its score is t(x | %s); fisher_full_gain_over_histo compares it with the histogram "
+                "information there",
+                trained_at.tolist(), theta.tolist(), trained_at.tolist(),
+            )  # fmt: skip
+            gain_reference = baselines(trained_at)
+        np.save(tmp / "fisher_full_theta.npy", trained_at)
         matrices["full"] = fisher.full_information(
-            theta,
+            trained_at,
             str(model_file),
             luminosity=ev.luminosity,
             include_xsec_info=True,
@@ -50,7 +76,13 @@ def fisher_information(cfg: DictConfig, method: Method, info: FileInfo, model_fi
         )[0]
     for kind, matrix in matrices.items():
         np.save(tmp / f"fisher_{kind}.npy", matrix)
-    return fisher_metrics(matrices, list(info.parameters))
+    metrics = fisher_metrics(matrices, list(info.parameters))
+    if gain_reference is not matrices:
+        at_training_point = fisher_metrics({"histo": gain_reference["histo"], "full": matrices["full"]}, [])
+        metrics.pop("fisher_full_gain_over_histo", None)
+        if "fisher_full_gain_over_histo" in at_training_point:
+            metrics["fisher_full_gain_over_histo"] = at_training_point["fisher_full_gain_over_histo"]
+    return metrics
 
 
 def fisher_metrics(matrices: dict[str, np.ndarray], parameters: list[str]) -> dict:

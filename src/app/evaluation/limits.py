@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 FEW_EVENTS = 10  # warn when fewer events are expected at theta_true
 LIMIT_RESULTS = ("theta_grid", "p_values", "i_ml", "llr_kin", "llr_rate")
 # Histograms are filled for this many grid points at a time (MadMiner's default, 1000, holds a weight for every
-# grid point and event at once: 4 GB at 10^6 events). Only for modes whose histogram data do not depend on the grid
-# point (histo, sally): MadMiner's batched loop pairs each batch with the first grid points, which matters only
-# where the data are transformed per point (sallino, adaptive-sally: one batch, as before).
+# grid point and event at once: 4 GB at 10^6 events). Every histogram mode: MadMiner's batched loop pairs each batch
+# with the first grid points, which batched_limits corrects (it matters for sallino and adaptive-sally, whose data
+# are transformed per grid point).
 HISTO_THETA_BATCH = 64
 
 
@@ -100,9 +100,9 @@ def expected_limits(
         elif name in MODEL_MODES:
             kwargs["model_file"] = str(model_file)
             if mode != "ml":
-                kwargs.update(hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None)
-            if mode == "sally":
-                kwargs["histo_theta_batchsize"] = HISTO_THETA_BATCH
+                kwargs.update(
+                    hist_bins=hist_bins, n_histo_toys=None, n_binning_toys=None, histo_theta_batchsize=HISTO_THETA_BATCH
+                )
             if name in THETAREF_MODES:
                 kwargs["thetaref"] = training_point(cfg, info)
         theta_grid, p_values, i_ml, llr_kin, llr_rate = _memoised(limits, kwargs, cfg.sampling.seed, memo)

@@ -27,6 +27,7 @@ from app.domain.theta import (
 )
 from app.evaluation.truth_metrics import truth_density_metrics, truth_log_r_metrics, truth_score_metrics
 from app.ml import estimators
+from app.ml.batched import parameter_inputs
 from app.toy.truth import ToyTruth
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,17 @@ def test_predictions(
         x, theta0s, theta1s, _, r_xz, _, _ = augmenter.sample_train_ratio(
             theta0=to_madminer_theta(s.theta0), theta1=ratio_theta1(cfg, info), **common
         )
-        if double:
-            kwargs = dict(x=x, theta0=theta0s, theta1=theta1s, test_all_combinations=False)
+        if double:  # MadMiner's double-parameterized evaluation does not scale theta as training did
+            log_rs = [
+                m.evaluate_log_likelihood_ratio(x=x, theta0=parameter_inputs(m, theta0s),
+                                                theta1=parameter_inputs(m, theta1s), test_all_combinations=False)[0]
+                for m in members
+            ]  # fmt: skip
         else:
-            kwargs = dict(x=x, theta=theta0s, test_all_combinations=False)
-        log_rs = [np.asarray(m.evaluate_log_likelihood_ratio(**kwargs)[0]).ravel() for m in members]
+            log_rs = [
+                m.evaluate_log_likelihood_ratio(x=x, theta=theta0s, test_all_combinations=False)[0] for m in members
+            ]
+        log_rs = [np.asarray(log_r).ravel() for log_r in log_rs]
         log_r_xz = np.log(r_xz).ravel()
         np.save(tmp / "test_theta0.npy", theta0s)
         np.save(tmp / "test_log_r_xz.npy", log_r_xz)
@@ -116,7 +123,8 @@ def test_predictions(
                 metrics.update(with_spread(lambda t: truth_score_metrics(t, truth, x, reference), t_ests))
     else:
         log_ps = [
-            np.asarray(m.evaluate_log_likelihood(x=x_true, theta=true_point.reshape(1, -1))[0]).ravel()
+            # MadMiner's evaluate_log_likelihood scales x but not theta, which training scaled
+            np.asarray(m.evaluate_log_likelihood(x=x_true, theta=parameter_inputs(m, true_point))[0]).ravel()
             for m in members
         ]
         np.save(tmp / "test_log_p_theta_true.npy", np.mean(log_ps, axis=0))

@@ -2,9 +2,15 @@
 
 MadMiner's ``test_all_combinations=True`` loops over thetas in Python and builds one tensor per event; for
 n_x events x n_theta grid points that takes minutes. These call the trained torch model directly in
-large batches, with the same input transformations as MadMiner's ``evaluate_*`` methods, on the device
-the caller names (``training.device``, resolved by :func:`app.ml.device.use`). The truth metrics and the
-batched ``ml`` limits (:mod:`app.ml.madminer_patches`) use them.
+large batches, with the transformations the estimator was trained with, on the device the caller names
+(``training.device``, resolved by :func:`app.ml.device.use`). The truth metrics and the batched ``ml`` limits
+(:mod:`app.ml.madminer_patches`) use them.
+
+Training standardises theta (``scale_parameters=True``: mean and std of the training thetas) for every
+parameterized estimator, but MadMiner 0.9.6 applies that transform at evaluation only for
+ParameterizedRatioEstimator: ``LikelihoodEstimator.evaluate_log_likelihood`` and
+``DoubleParameterizedRatioEstimator.evaluate_log_likelihood_ratio`` feed raw theta to a network trained on scaled
+theta (docs/madminer-bugs.md). Here every estimator gets :func:`parameter_inputs`.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ def model_log_r_grid(estimator, x, thetas, theta1, device: str = "cpu") -> np.nd
     thetas = np.asarray(thetas, dtype=np.float64)
     if isinstance(estimator, DoubleParameterizedRatioEstimator):
         theta1s = np.array(np.broadcast_to(np.asarray(theta1, dtype=np.float64), thetas.shape))
-        return _batched(estimator, x, thetas, theta1s, "double", device)
-    return _batched(estimator, x, estimator._transform_parameters(thetas), None, "ratio", device)
+        return _batched(
+            estimator, x, parameter_inputs(estimator, thetas), parameter_inputs(estimator, theta1s), "double", device
+        )
+    return _batched(estimator, x, parameter_inputs(estimator, thetas), None, "ratio", device)
 
 
 def model_log_likelihood_grid(estimator, x, thetas, device: str = "cpu") -> np.ndarray:
@@ -41,10 +49,21 @@ def model_log_likelihood_grid(estimator, x, thetas, device: str = "cpu") -> np.n
 
     if isinstance(estimator, Ensemble):
         return np.mean([model_log_likelihood_grid(e, x, thetas, device) for e in estimator.estimators], axis=0)
-    log_p = _batched(estimator, x, np.asarray(thetas, dtype=np.float64), None, "likelihood", device)
+    log_p = _batched(estimator, x, parameter_inputs(estimator, thetas), None, "likelihood", device)
     if estimator.x_scaling_stds is not None:
         log_p -= log_input_scaling(estimator)
     return log_p
+
+
+def parameter_inputs(estimator, thetas) -> np.ndarray:
+    """theta as the estimator's network saw it in training: (theta - mean) / std of the training thetas where it
+    was trained with ``scale_parameters=True`` (MadMiner saves both with the model), else theta itself."""
+    thetas = np.array(thetas, dtype=np.float64, ndmin=2)
+    means = getattr(estimator, "theta_scaling_means", None)
+    stds = getattr(estimator, "theta_scaling_stds", None)
+    if means is None or stds is None:
+        return thetas
+    return (thetas - np.asarray(means, dtype=np.float64)) / np.asarray(stds, dtype=np.float64)
 
 
 def log_input_scaling(estimator) -> float:

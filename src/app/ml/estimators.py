@@ -45,10 +45,10 @@ def load(model_dir: Path):
                 member = cls()
                 member.load(str(folder / f"estimator_{i}"))
                 members.append(member)
-            return ml.Ensemble(members)
+            return madminer_patches.observable_input_scaling(ml.Ensemble(members))
         estimator = cls()
         estimator.load(str(Path(model_dir) / meta["model_name"]))
-        return estimator
+        return madminer_patches.observable_input_scaling(estimator)
 
 
 def members(estimator) -> list:

@@ -8,10 +8,12 @@ result (tests/test_madminer_patches.py, tests/test_limits_batched.py).
 :func:`events_in_memory`   the event file read once per file, not once per sampled theta
 :func:`seeded_sets`        every theta set drawn from its own seed: ``n_processes > 1`` gives the samples of
                            ``n_processes=1`` (MadMiner's pool does not, and hangs with fewer than 10 sets)
-:func:`batched_limits`     AsymptoticLimits with a batched ``ml`` mode (and double-parameterized estimators) and a
-                           binning without its (grid points x events) weight matrix
+:func:`batched_limits`     AsymptoticLimits with a batched ``ml`` mode (and double-parameterized estimators), a
+                           binning without its (grid points x events) weight matrix, and histograms filled in
+                           batches of grid points that transform each point's data at that point
 :func:`weights_only_loads` ``torch.load(weights_only=True)`` for model files on every torch version
 :func:`estimators_loaded_by`  AsymptoticLimits / FisherInformation load the model with this project's loader
+:func:`observable_input_scaling`  ``scale_inputs=False`` models get input means per observable, not per event
 :func:`trainer_device`     MadMiner's Trainer uses the chosen device, not CUDA whenever torch sees one
 :func:`epoch_reports`      every epoch's losses, term by term, reach a callback
 ========================  =====================================================================================
@@ -319,8 +321,12 @@ def batched_limits():
     not evaluate double-parameterized ratio estimators. This one evaluates every (grid point, event) pair through
     the trained torch model (:mod:`app.ml.batched`) and returns what MadMiner's returns: log r(x | theta,
     reference) for ratio estimators, MadMiner's log p(x | theta) (of the scaled inputs) for likelihood
-    estimators, the mean over the members of an Ensemble. Its adaptive binning (histograms of sallino and
-    adaptive-sally) gives MadMiner's edges without MadMiner's (grid points x events) weight matrix.
+    estimators, the mean over the members of an Ensemble; but with theta standardised as in training for
+    likelihood and double-parameterized estimators, which MadMiner's evaluation omits (docs/madminer-bugs.md).
+    Its adaptive binning (histograms of sallino and adaptive-sally) gives MadMiner's edges without MadMiner's
+    (grid points x events) weight matrix, and its histograms filled in batches of grid points
+    (``histo_theta_batchsize``) transform each grid point's data at that grid point (MadMiner's use the first
+    batch's points for every batch: docs/madminer-bugs.md).
     """
     from madminer.limits import AsymptoticLimits
     from madminer.ml import DoubleParameterizedRatioEstimator as Double
@@ -357,6 +363,29 @@ def batched_limits():
             data = summary_stats if processor is None else processor(summary_stats, thetas_binning)
             return Histo(data, weights, x_bins, epsilon=1.0e-12).edges
 
+        def _make_histos(self, summary_function, x_bins, theta_grid, n_histo_toys=1000, histo_theta_batchsize=100,
+                         weighted_histo=True, test_split=0.2, processor=None, fixed_adaptive_binning=True,
+                         theta_binning=None, n_binning_toys=1000):  # fmt: skip
+            """MadMiner's histograms, but each grid point's data transformed at that grid point. MadMiner's batched
+            loop (``n_histo_toys=None``) pairs the weights of batch b with ``zip(theta_grid, ...)``, the *first*
+            grid points, instead of the batch's: sallino and adaptive-sally histograms (whose data are rotated or
+            projected per theta) past the first batch use the wrong theta. Here the binning is fixed once for the
+            grid as MadMiner fixes it, then MadMiner fills each batch as a grid of its own."""
+            if not (weighted_histo and n_histo_toys is None) or len(theta_grid) <= histo_theta_batchsize:
+                return super()._make_histos(summary_function, x_bins, theta_grid, n_histo_toys, histo_theta_batchsize,
+                                            weighted_histo, test_split, processor, fixed_adaptive_binning,
+                                            theta_binning, n_binning_toys)  # fmt: skip
+            if fixed_adaptive_binning and (isinstance(x_bins, int) or any(isinstance(b, int) for b in x_bins)):
+                thetas_binning = theta_grid if theta_binning is None else [theta_binning]
+                x_bins = self._fixed_adaptive_binning(n_binning_toys, processor, summary_function, test_split,
+                                                      thetas_binning, x_bins)  # fmt: skip
+            histos = []
+            for start in range(0, len(theta_grid), histo_theta_batchsize):
+                batch = theta_grid[start : start + histo_theta_batchsize]
+                histos += super()._make_histos(summary_function, x_bins, batch, n_histo_toys, len(batch),
+                                               weighted_histo, test_split, processor, False)  # fmt: skip
+            return histos
+
         def _calculate_log_likelihood_ratio_kinematics(self, x_observed, theta_grid, model, theta1=None):
             what = kind(model)
             if what is None:
@@ -377,6 +406,24 @@ def batched_limits():
 
 
 # --------------------------------------------------------------------------- loading models
+def observable_input_scaling(estimator):
+    """MadMiner's ``initialize_input_transform(x, transform=False)`` (``train(scale_inputs=False)``) sets the input
+    means and stds to ``zeros(x.shape[0])`` and ``ones(x.shape[0])``: one entry per training *event*, not per
+    observable, and saves them with the model. Every later evaluation then fails to broadcast ("operands could not
+    be broadcast together with shapes (10,2) (300,)"). Those arrays mean "no scaling": here they become zeros and
+    ones of one entry per observable, for the estimator or every member of an Ensemble, which is returned. Scalings
+    of the right length are left as they are."""
+    members = estimator.estimators if hasattr(estimator, "estimators") else [estimator]
+    for member in members:
+        means, stds, n = member.x_scaling_means, member.x_scaling_stds, member.n_observables
+        if means is None or stds is None or n is None or member.features is not None or numpy.shape(means) == (n,):
+            continue
+        if numpy.any(numpy.asarray(means) != 0) or numpy.any(numpy.asarray(stds) != 1):
+            continue  # not MadMiner's "no scaling" arrays: leave them to fail as they do
+        member.x_scaling_means, member.x_scaling_stds = numpy.zeros(n), numpy.ones(n)
+    return estimator
+
+
 @contextlib.contextmanager
 def weights_only_loads():
     """MadMiner's ``load`` calls ``torch.load(path, map_location="cpu")``, which before torch 2.6 unpickles

@@ -129,11 +129,13 @@ def run(
 
                 ensemble = Ensemble([estimators.build(t, info.path) for _ in range(t.n_estimators)])
                 fasttrain.fit(ensemble, t.trainer, name, **kwargs)
+                madminer_patches.observable_input_scaling(ensemble)
                 ensemble.save(str(tmp / "ensemble"))
                 model_name = "ensemble"
             else:
                 estimator = estimators.build(t, info.path)
                 fasttrain.fit(estimator, t.trainer, name, **kwargs)
+                madminer_patches.observable_input_scaling(estimator)
                 estimator.save(str(tmp / MODEL_NAME))
                 model_name = MODEL_NAME
         _check_finished(history, t.n_estimators, t.n_epochs)

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from app.ml import estimators
+from app.ml.batched import parameter_inputs
 
 BEST_ALIAS = "best"
 
@@ -36,7 +37,6 @@ class MadMinerEstimator(mlflow.pyfunc.PythonModel):
         import numpy as np
         import pandas as pd
 
-
         frame = pd.DataFrame(model_input)
         x = frame[self.meta["observables"]].to_numpy(dtype=float)
         theta = frame[self.meta["parameters"]].to_numpy(dtype=float)
@@ -44,14 +44,22 @@ class MadMinerEstimator(mlflow.pyfunc.PythonModel):
         if family == "score":
             t = estimators.score(self.estimator, x)
             return pd.DataFrame(t, columns=[f"t_{p}" for p in self.meta["parameters"]])
+        # density and double-parameterized networks take theta standardised as in training, which MadMiner's
+        # evaluate_* omit (docs/madminer-bugs.md): each member gets it, and the mean is the ensemble's
+        members = estimators.members(self.estimator)
         if family == "density":
-            out = self.estimator.evaluate_log_likelihood(x=x, theta=theta, test_all_combinations=False)[0]
+            out = np.mean([
+                m.evaluate_log_likelihood(x=x, theta=parameter_inputs(m, theta), test_all_combinations=False)[0]
+                for m in members
+            ], axis=0)  # fmt: skip
             return pd.DataFrame({"log_p": np.asarray(out).ravel()})
         if kind == "double_parameterized":
             reference = np.zeros_like(theta)
-            out = self.estimator.evaluate_log_likelihood_ratio(
-                x=x, theta0=theta, theta1=reference, test_all_combinations=False
-            )[0]
+            out = np.mean([
+                m.evaluate_log_likelihood_ratio(x=x, theta0=parameter_inputs(m, theta),
+                                                theta1=parameter_inputs(m, reference), test_all_combinations=False)[0]
+                for m in members
+            ], axis=0)  # fmt: skip
         else:
             out = self.estimator.evaluate_log_likelihood_ratio(x=x, theta=theta, test_all_combinations=False)[0]
         return pd.DataFrame({"log_r": np.asarray(out).ravel()})
