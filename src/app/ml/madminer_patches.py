@@ -12,6 +12,7 @@ result (tests/test_madminer_patches.py, tests/test_limits_batched.py).
 :func:`estimators_loaded_by`  AsymptoticLimits / FisherInformation load the model with this project's loader
 :func:`trainer_device`     MadMiner's Trainer uses the chosen device, not CUDA whenever torch sees one
 :func:`epoch_reports`      every epoch's losses, term by term, reach a callback
+:func:`best_epoch_kept`    early stopping restores the best epoch's weights, not the last epoch's
 ========================  =====================================================================================
 
 Nothing is patched at import except :func:`python312_shim` (on Python 3.12+ only, called by ``app/__init__.py``);
@@ -336,3 +337,31 @@ def epoch_reports(callback):
         yield
     finally:
         Trainer.report_epoch = original
+
+
+@contextlib.contextmanager
+def best_epoch_kept():
+    """MadMiner's early stopping keeps ``best_model = self.model.state_dict()`` (``Trainer.check_early_stopping``):
+    a dict of references to the live parameter tensors, which every later optimizer step changes in place. Its
+    final ``load_state_dict(best_model)`` therefore loads the last epoch's weights onto themselves: the saved model
+    is the last epoch's, while the validation loss it reports (and ``app.stages.train.saved_epoch``) is the best
+    epoch's. Inside this block the best state is a detached copy taken when the epoch is the best so far, so the
+    restore gives the best epoch's weights (as the fast trainer does, :mod:`app.ml.fasttrain`). Everything else of
+    ``check_early_stopping`` (its patience and its stop on a non-finite loss) is MadMiner's own."""
+    from madminer.utils.ml.trainer import Trainer
+
+    original = Trainer.check_early_stopping
+
+    def check_early_stopping(self, best_loss, best_model, best_epoch, loss, i_epoch, early_stopping_patience=None):
+        # MadMiner's own bookkeeping (and its EarlyStoppingException); then the state it kept, copied
+        best_loss, kept, best_epoch = original(self, best_loss, best_model, best_epoch, loss, i_epoch,
+                                               early_stopping_patience)  # fmt: skip
+        if kept is not best_model:  # this epoch is the best so far: MadMiner kept the live state_dict()
+            kept = {k: v.detach().clone() for k, v in kept.items()}
+        return best_loss, kept, best_epoch
+
+    Trainer.check_early_stopping = check_early_stopping
+    try:
+        yield
+    finally:
+        Trainer.check_early_stopping = original
