@@ -6,6 +6,8 @@ loss and the seed-to-seed spread (docs/performance.md lists the numbers). AGREEM
 difference with a margin; it stays well below the gap between a trained and an untrained network
 (asserted too, so a trainer that does not learn fails). MadMiner's reported validation loss is a mean of
 batch means (noisier than the fast path's mean over samples), so its minimum over epochs is a little lower.
+What the two trainers *save*, for every family on the train stage's path, is compared in
+tests/test_trainers_agree.py (slow tier).
 """
 
 from __future__ import annotations
