@@ -44,8 +44,8 @@ FAMILIES = {
     "alices": ["training=alices"],
     "carl": ["training=carl"],
     "rolr": ["training=rolr"],
-    "rascal": ["training=rascal"],
-    "cascal": ["training=cascal"],
+    "rascal": ["training=rascal", "training.n_epochs=10"],
+    "cascal": ["training=cascal", "training.n_epochs=10"],
     "sally": ["training=sally"],
     "sallino": ["training=sallino"],
     "nde": ["training=nde", "training.n_mades=1"],
@@ -62,8 +62,8 @@ TOLERANCE = {
     "alices": 0.041,  # std 0.0193; 0.9237 / 0.9238, |diff| 0.0006, untrained 1.0040
     "carl": 0.004,  # std 0.0018; 0.6873 / 0.6871, |diff| 0.0008, untrained 0.7032
     "rolr": 0.036,  # std 0.0170; 1.1093 / 1.1060, |diff| 0.0049, untrained 1.1733
-    "rascal": 0.064,  # std 0.0299; 1.3841 / 1.3791, |diff| 0.0073, untrained 1.4776
-    "cascal": 0.037,  # std 0.0174; 0.9538 / 0.9560, |diff| 0.0068, untrained 1.0076
+    "rascal": 0.15,  # 10 epochs: std 0.0683; 1.2061 / 1.1961, |diff| 0.0045, untrained 1.4776 (*)
+    "cascal": 0.05,  # 10 epochs: std 0.0234; 0.8798 / 0.8821, |diff| 0.0132, untrained 1.0076 (*)
     "sally": 0.0028,  # std 0.0013; 0.0551 / 0.0549, |diff| 0.0005, untrained 0.2315
     "sallino": 0.0028,  # the same training as sally (the score at one point; only the limits differ)
     "nde": 0.025,  # std 0.0115; 2.6408 / 2.6425, |diff| 0.0017, untrained 2.7348
@@ -72,6 +72,10 @@ TOLERANCE = {
     "morphing_aware": 0.0095,  # std 0.0044; 0.6657 / 0.6679, |diff| 0.0009, untrained 0.6952
     "ensemble": 0.033,  # std 0.0153; 0.9171 / 0.9194, |diff| 0.0101, untrained 0.9989
 }
+# (*) with 5 epochs the score term's seed spread (rascal 0.030, cascal 0.017) was too close to what they learn: on
+# the samples of a later sample stage cascal's untrained network (0.961) came within the tolerance of the trained
+# ones (0.926). Measured on those samples too (10 epochs): rascal std 0.066, 1.519 vs untrained 1.735; cascal std
+# 0.013, 0.858 vs untrained 0.961.
 
 
 def saved_losses(compose, workdir: Path, overrides: list[str], seeds, trainers=("fast", "madminer")) -> dict:
