@@ -6,6 +6,8 @@ loss and the seed-to-seed spread (docs/performance.md lists the numbers). AGREEM
 difference with a margin; it stays well below the gap between a trained and an untrained network
 (asserted too, so a trainer that does not learn fails). MadMiner's reported validation loss is a mean of
 batch means (noisier than the fast path's mean over samples), so its minimum over epochs is a little lower.
+What the two trainers *save*, for every family on the train stage's path, is compared in
+tests/test_trainers_agree.py (slow tier).
 """
 
 from __future__ import annotations
@@ -235,3 +237,43 @@ def test_double_parameterized_estimators_learn(toy_path, method):
         _, losses_val = fasttrain.fit(estimator, "fast", "cpu", method=method, **kwargs, **data)
         best[lr] = float(np.min(losses_val))
     assert best[0.01] < best[1e-12] - 0.05, best  # measured: alices 2.24 vs 3.06, carl 0.52 vs 0.69
+
+
+def test_validation_loss_of_the_saved_model_and_of_an_ensembles_prediction(toy_path):
+    """app.ml.validation.loss_terms gives the fast trainer's reported loss of the epoch it saved, and for an Ensemble
+    the loss of its mean prediction (MadMiner's Ensemble.evaluate_score): below the members' mean (the MSE is
+    convex); for density estimators (the Ensemble averages log p) equal to it."""
+    from madminer.ml import Ensemble
+
+    from app.ml import validation
+
+    for method in ("sally", "nde"):
+        data, val = samples(toy_path, method, n=400), samples(toy_path, method, n=400, seed=2)
+        external = {**data, **{f"{k}_val": v for k, v in val.items()}}
+        estimator, (_, losses_val) = _train(method, "fast", external, 0, n_epochs=3, validation_split=None)
+        got = validation.loss_terms(estimator, method, 1.0, val)
+        assert got["val_loss"] == pytest.approx(float(np.min(losses_val)), rel=1e-5)  # the restored best epoch
+
+        ensemble = Ensemble([SETTINGS[method]["estimator"]() for _ in range(3)])
+        fasttrain.fit(ensemble, "fast", "cpu", **{**SETTINGS[method]["train"], "n_epochs": 3, "validation_split": None},
+                      **external)  # fmt: skip
+        members = [validation.loss_terms(m, method, 1.0, val)["val_loss"] for m in ensemble.estimators]
+        mean_prediction = validation.loss_terms(ensemble, method, 1.0, val)["val_loss"]
+        if method == "sally":
+            t_mean = np.mean([m.evaluate_score(x=val["x"]) for m in ensemble.estimators], axis=0)
+            assert mean_prediction == pytest.approx(np.mean((t_mean - val["t_xz"]) ** 2), rel=1e-4)
+            assert mean_prediction < np.mean(members) - 1e-4, (mean_prediction, members)
+        else:
+            assert mean_prediction == pytest.approx(np.mean(members), rel=1e-5) and np.std(members) > 1e-3
+
+
+def test_an_ensembles_val_metrics_are_its_mean_predictions():
+    from app.stages.train import ensemble_metrics
+
+    members = {"val_loss": 2.0, "val_mse_score": 2.0, "val_loss_ensemble_std": 0.1, "train_loss": 1.5, "saved_epoch": 3}
+    out = ensemble_metrics(members, {"val_loss": 1.8, "val_mse_score": 1.8})
+    assert out == {**members, "val_loss": 1.8, "val_mse_score": 1.8, "val_loss_members_mean": 2.0,
+                   "val_mse_score_members_mean": 2.0}  # fmt: skip
+    # no common validation samples (training.validation_split > 0): the members' mean, under both names
+    means = {"val_loss_members_mean": 2.0, "val_mse_score_members_mean": 2.0}
+    assert ensemble_metrics(members, None) == {**members, **means}

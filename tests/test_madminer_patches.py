@@ -405,3 +405,39 @@ def test_models_trained_without_input_scaling_evaluate(toy_path, tmp_path):
     np.testing.assert_allclose(loaded.evaluate_score(x=x[:10]), by_hand, rtol=1e-5, atol=1e-6)
     loaded.x_scaling_means = loaded.x_scaling_stds = None  # MadMiner's own result without scaling
     np.testing.assert_allclose(loaded.evaluate_score(x=x[:10]), by_hand, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- early stopping's best epoch
+def _overfitting_score_training():
+    """A ScoreEstimator trained by MadMiner's own trainer on 100 noisy samples: it over-fits, so its best
+    validation epoch is not its last. Returns (validation losses per epoch, the saved model's validation MSE)."""
+    import torch
+    from madminer.ml import ScoreEstimator
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    x, x_val = rng.normal(size=(100, 2)), rng.normal(size=(400, 2))
+    t, t_val = x[:, :1] + rng.normal(size=(100, 1)), x_val[:, :1] + rng.normal(size=(400, 1))
+    estimator = ScoreEstimator(n_hidden=(64, 64))
+    _, losses_val = estimator.train(
+        "sally", x=x, t_xz=t, x_val=x_val, t_xz_val=t_val, n_epochs=10, batch_size=25, initial_lr=0.03,
+        final_lr=0.03, validation_split=0.25, early_stopping=True, n_workers=0, verbose="none",
+    )  # fmt: skip
+    saved = float(np.mean((estimator.evaluate_score(x=x_val) - t_val) ** 2))
+    return np.asarray(losses_val, dtype=float), saved
+
+
+def test_madminers_early_stopping_saves_the_best_epoch_it_reports():
+    """MadMiner reports (and app.stages.train.saved_epoch records) the best validation epoch's loss, but its
+    early stopping keeps references to the live weights and so saves the last epoch. With the patch the saved
+    model is the best epoch's: its validation MSE is the reported minimum (the validation set is a whole number
+    of batches, so MadMiner's mean of batch means is the mean over samples)."""
+    losses, saved = _overfitting_score_training()
+    best = int(np.argmin(losses))
+    assert best < len(losses) - 1 and losses[-1] > losses[best] * 1.1, losses  # the last epoch: worse
+    assert saved == pytest.approx(losses[-1], rel=1e-5)  # MadMiner alone: the last epoch, not the one it reports
+
+    with madminer_patches.best_epoch_kept():
+        patched_losses, patched_saved = _overfitting_score_training()
+    np.testing.assert_allclose(patched_losses, losses, rtol=1e-6)  # the same training, epoch by epoch
+    assert patched_saved == pytest.approx(losses[best], rel=1e-5)  # the saved model is the reported epoch's

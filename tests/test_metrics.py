@@ -30,7 +30,8 @@ def test_loss_terms_are_madminers():
      ("truth_limits_ml_kin_iou", "maximize", "all"), ("limits_cl68_area", "minimize", "all"),
      ("fisher_full_gain_over_histo", "maximize", "family"), ("limits_ml_cl68_fraction", "", "run"),
      ("val_loss_ensemble_std", "", "run"), ("truth_log_r_mse_at_sm", "minimize", "all"),
-     ("limits_ml_cl68_touches_edge", "", "run")],
+     ("limits_ml_cl68_touches_edge", "", "run"),
+     ("val_improved_xe_members_mean", "", "run"), ("val_loss_members_mean", "", "run")],
 )
 def test_table(name, direction, scope):
     spec = metrics.spec(name)

@@ -71,6 +71,8 @@ def test_method_families_end_to_end(run_app, tmp_path, args, limit_keys):
     run_dir = tmp_path / "run"
     metrics = _check_outputs(run_dir, *limit_keys)
     assert "objective val_" in proc.out and "stage train" in proc.out and "epoch   1/2" in proc.out
+    if "training.n_estimators=2" in args:  # an ensemble's val_*: its mean prediction's; the members' mean apart
+        assert metrics["val_loss"] != metrics["val_loss_members_mean"] > 0, metrics
     if "training=sally" in args:
         assert "fisher_full_gain_over_histo" in metrics and (run_dir / "plots" / "score_vs_joint.png").exists()
     if "training=alices" in args:

@@ -46,10 +46,15 @@ class MetricSpec:
 _TERMS = "|".join(sorted({t for m in METHODS.values() for t in m.loss_terms}))
 TABLE: tuple[MetricSpec, ...] = (
     MetricSpec(rf"val_({_TERMS})", "minimize", "term",
-               "one loss term (unweighted, alpha-independent) of the saved model on the validation samples"),
-    MetricSpec(rf"train_({_TERMS})", "minimize", "term", "the same term on the training samples (optimistic)"),
+               "one loss term (unweighted, alpha-independent) of the saved model's prediction on the validation "
+               "samples; an ensemble's is that of its mean prediction, so any n_estimators compare"),
+    MetricSpec(rf"train_({_TERMS})", "minimize", "term",
+               "the same term on the training samples during the saved epoch (optimistic; an ensemble's: the mean "
+               "over its members)"),
     MetricSpec(r"(val|train)_loss", "minimize", "setting",
                "the total loss first term + alpha * score term of the saved model: depends on alpha"),
+    MetricSpec(r"val_\w+_members_mean", "", "run",
+               "an ensemble's members: the mean of their own validation losses (not the ensemble's)"),
     MetricSpec(r"truth_log_r_mse(_at_\w+)?", "minimize", "all",
                "toy only: mean squared error of the estimated vs the exact log r(x|theta, theta_ref); theta_ref is "
                "theta1 (sampling.theta1) for parameterized ratio estimators, theta_true for double-parameterized "
@@ -88,8 +93,9 @@ TABLE: tuple[MetricSpec, ...] = (
 
 
 def spec(name: str) -> MetricSpec | None:
-    if name.endswith("_ensemble_std"):  # before the patterns its stem would match
-        return next(s for s in TABLE if s.pattern == r".*_ensemble_std")
+    for suffix, pattern in (("_ensemble_std", r".*_ensemble_std"), ("_members_mean", r"val_\w+_members_mean")):
+        if name.endswith(suffix):  # before the patterns its stem would match
+            return next(s for s in TABLE if s.pattern == pattern)
     return next((s for s in TABLE if s.matches(name)), None)
 
 

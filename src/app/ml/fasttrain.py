@@ -14,7 +14,8 @@ It saves nothing: the caller calls ``estimator.save()`` as after MadMiner's own 
 Differences from MadMiner 0.9.6 (all deliberate):
 
 - the best state of early stopping is a copy (MadMiner keeps references to the live weights, so its
-  "restore" is a no-op and it ends with the last epoch's weights);
+  "restore" is a no-op and it ends with the last epoch's weights; :func:`fit` gives MadMiner's own trainer,
+  when it trains, the same copy: :func:`app.ml.madminer_patches.best_epoch_kept`);
 - external validation data get the same parameter rescaling as the training data (MadMiner rescales
   ``x_val`` and ``t_xz_val`` but not ``theta_val``), and early stopping uses them even when
   ``validation_split`` is None;
@@ -39,7 +40,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from app.ml import device as app_device
-from app.ml import estimator_kinds, graphs, streaming
+from app.ml import estimator_kinds, graphs, madminer_patches, streaming
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ def fit(model, trainer: str = "fast", device: str = "auto", **kwargs):
 
     ``kwargs`` are those of the estimator's own ``train()`` (for an Ensemble: of ``train_all()``).
     """
+    # MadMiner's own trainer (trainer=madminer, or classes the fast loop does not support) keeps the best epoch
+    with madminer_patches.best_epoch_kept():
+        return _fit_any(model, trainer, device, **kwargs)
+
+
+def _fit_any(model, trainer: str, device: str, **kwargs):
     from madminer.ml import Ensemble
 
     if trainer == "madminer":

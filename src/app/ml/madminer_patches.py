@@ -16,6 +16,7 @@ result (tests/test_madminer_patches.py, tests/test_limits_batched.py).
 :func:`observable_input_scaling`  ``scale_inputs=False`` models get input means per observable, not per event
 :func:`trainer_device`     MadMiner's Trainer uses the chosen device, not CUDA whenever torch sees one
 :func:`epoch_reports`      every epoch's losses, term by term, reach a callback
+:func:`best_epoch_kept`    early stopping restores the best epoch's weights, not the last epoch's
 ========================  =====================================================================================
 
 Nothing is patched at import except :func:`python312_shim` (on Python 3.12+ only, called by ``app/__init__.py``);
@@ -38,6 +39,7 @@ import numpy
 
 from app.domain.seeds import derive
 from app.ml.batched import log_input_scaling, model_log_likelihood_grid, model_log_r_grid
+from app.ml.parallel_sets import sets_in_parallel
 
 
 # --------------------------------------------------------------------------- Python 3.12
@@ -213,7 +215,6 @@ _SET_ARGUMENTS = (
     "sample_only_from_closest_benchmark",
     "double_precision",
 )
-_set_job: tuple | None = None  # in a worker of seeded_sets(): (augmenter, MadMiner's _sample_set, its keywords)
 
 
 @contextlib.contextmanager
@@ -245,28 +246,19 @@ def seeded_sets(seed: int):
         seeds = [derive(seed, call, i) for i in range(len(sets))]
         definitions = a["augmented_data_definitions"] or []
         job = {name: a[name] for name in _SET_ARGUMENTS}
-        job.update(
-            n_samples=a["n_samples_per_set"],
-            augmented_data_definitions=definitions,
-            needs_gradients=self._check_gradient_need(definitions),
-        )
+        job.update(n_samples=a["n_samples_per_set"], augmented_data_definitions=definitions,
+                   needs_gradients=self._check_gradient_need(definitions))
         n_workers = min(multiprocessing.cpu_count() if n_processes is None else n_processes, len(sets))
         state = numpy.random.get_state()
         try:
             if n_workers > 1:
-                done = _sets_in_parallel(self, original_set, job, sets, seeds, n_workers)
+                done = sets_in_parallel(self, original_set, job, sets, seeds, n_workers)
             else:
                 done, counters = [], (0, 0, 0)
                 for set_, set_seed in zip(sets, seeds):
                     numpy.random.seed(set_seed)
-                    found = original_set(
-                        self,
-                        set_,
-                        **job,
-                        n_stats_warnings=counters[0],
-                        n_neg_weights_warnings=counters[1],
-                        n_too_large_weights_warnings=counters[2],
-                    )
+                    found = original_set(self, set_, **job, n_stats_warnings=counters[0],
+                                         n_neg_weights_warnings=counters[1], n_too_large_weights_warnings=counters[2])
                     counters = found[5:8]
                     done.append(found)
             results = iter(done)
@@ -284,31 +276,6 @@ def seeded_sets(seed: int):
         yield
     finally:
         SampleAugmenter._sample = original
-
-
-def _sets_in_parallel(augmenter, sample_set, job: dict, sets, seeds, n_workers: int) -> list:
-    """``sample_set(augmenter, set_, **job)`` for every set after ``np.random.seed(its seed)``, on ``n_workers``
-    processes (forked where the platform can, like MadMiner's pool: they share the events read in memory); the
-    results in set order. MadMiner's parallel path silences the per-set warnings the same way."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    job = dict(job, n_stats_warnings=1000, n_neg_weights_warnings=1000)
-    with ProcessPoolExecutor(
-        n_workers, mp_context=context, initializer=_start_set_worker, initargs=(augmenter, sample_set, job)
-    ) as pool:
-        return list(pool.map(_sample_one_set, sets, seeds))
-
-
-def _start_set_worker(augmenter, sample_set, job: dict) -> None:
-    global _set_job
-    _set_job = (augmenter, sample_set, job)
-
-
-def _sample_one_set(set_, seed: int):
-    augmenter, sample_set, job = _set_job
-    numpy.random.seed(seed)
-    return sample_set(augmenter, set_, **job)
 
 
 # --------------------------------------------------------------------------- limits
@@ -498,3 +465,31 @@ def epoch_reports(callback):
         yield
     finally:
         Trainer.report_epoch = original
+
+
+@contextlib.contextmanager
+def best_epoch_kept():
+    """MadMiner's early stopping keeps ``best_model = self.model.state_dict()`` (``Trainer.check_early_stopping``):
+    a dict of references to the live parameter tensors, which every later optimizer step changes in place. Its
+    final ``load_state_dict(best_model)`` therefore loads the last epoch's weights onto themselves: the saved model
+    is the last epoch's, while the validation loss it reports (and ``app.stages.train.saved_epoch``) is the best
+    epoch's. Inside this block the best state is a detached copy taken when the epoch is the best so far, so the
+    restore gives the best epoch's weights (as the fast trainer does, :mod:`app.ml.fasttrain`). Everything else of
+    ``check_early_stopping`` (its patience and its stop on a non-finite loss) is MadMiner's own."""
+    from madminer.utils.ml.trainer import Trainer
+
+    original = Trainer.check_early_stopping
+
+    def check_early_stopping(self, best_loss, best_model, best_epoch, loss, i_epoch, early_stopping_patience=None):
+        # MadMiner's own bookkeeping (and its EarlyStoppingException); then the state it kept, copied
+        best_loss, kept, best_epoch = original(self, best_loss, best_model, best_epoch, loss, i_epoch,
+                                               early_stopping_patience)  # fmt: skip
+        if kept is not best_model:  # this epoch is the best so far: MadMiner kept the live state_dict()
+            kept = {k: v.detach().clone() for k, v in kept.items()}
+        return best_loss, kept, best_epoch
+
+    Trainer.check_early_stopping = check_early_stopping
+    try:
+        yield
+    finally:
+        Trainer.check_early_stopping = original

@@ -18,6 +18,7 @@ from app.domain.datafile import FileInfo
 from app.domain.methods import Method
 from app.errors import UserError
 from app.ml import device, estimators, fasttrain, madminer_patches
+from app.ml import validation as validation_loss
 from app.stages import sample
 from app.store.files import atomic_dir, read_json, write_json
 
@@ -121,6 +122,7 @@ def run(
         kwargs.update(_prescaled_validation_thetas(kwargs, estimator_kind))
 
     history: list[list[dict]] = []
+    ensemble_val = None
     with atomic_dir(out_dir / "model") as tmp:
         record = _recorder(t.n_epochs, history, on_epoch)
         with device.use(t.device) as name, madminer_patches.epoch_reports(record):
@@ -132,6 +134,9 @@ def run(
                 madminer_patches.observable_input_scaling(ensemble)
                 ensemble.save(str(tmp / "ensemble"))
                 model_name = "ensemble"
+                if validation and not in_sample:  # the loss of the ensemble's prediction, not its members'
+                    arrays = {k.removesuffix("_val"): v for k, v in validation.items()}
+                    ensemble_val = validation_loss.loss_terms(ensemble, method.name, t.alpha, arrays, name)
             else:
                 estimator = estimators.build(t, info.path)
                 fasttrain.fit(estimator, t.trainer, name, **kwargs)
@@ -140,6 +145,8 @@ def run(
                 model_name = MODEL_NAME
         _check_finished(history, t.n_estimators, t.n_epochs)
         metrics = loss_metrics(history, early_stopping=kwargs["early_stopping"])
+        if t.n_estimators > 1:
+            metrics = ensemble_metrics(metrics, ensemble_val)
         write_json(
             tmp / "model.json",
             {
@@ -155,6 +162,9 @@ def run(
                 # what val_* measured: samples of the validation partition, MadMiner's split of the training
                 # samples (leaks), or nothing
                 "validation": "in-sample split (leaks)" if in_sample else ("partition" if validation else "none"),
+                # an ensemble's val_*: the loss of its "mean prediction", or (no common validation samples) the mean
+                # of its "members'" losses (ensemble_metrics); null for one estimator
+                "ensemble_val": None if t.n_estimators == 1 else "mean prediction" if ensemble_val else "members",
                 "metrics": metrics,
             },
         )
@@ -268,6 +278,22 @@ def saved_epoch(run: list[dict], early_stopping: bool) -> dict:
         if best["val_loss"] < run[-1].get("val_loss", math.inf):
             return best
     return run[-1]
+
+
+def ensemble_metrics(metrics: dict, ensemble_val: dict | None) -> dict:
+    """An ensemble's loss metrics: ``val_*`` become the loss of the ensemble's mean prediction on the validation
+    samples (``ensemble_val``, from :func:`app.ml.validation.loss_terms`), which a sweep over ``n_estimators`` can
+    compare with a single estimator's ``val_*``; the members' mean of each moves to ``val_*_members_mean``
+    (``val_*_ensemble_std`` stays their spread). Without ``ensemble_val`` (no validation partition: each member
+    validated on its own split of the training samples) ``val_*`` remain the members' mean, as model.json's
+    ``ensemble_val`` says. ``train_*`` are always the members' mean (losses of the training epochs)."""
+    out = dict(metrics)
+    for key in metrics:
+        if key.startswith("val_") and not key.endswith("_ensemble_std"):
+            out[f"{key}_members_mean"] = metrics[key]
+            if ensemble_val is not None and key in ensemble_val:
+                out[key] = float(ensemble_val[key])
+    return out
 
 
 def loss_metrics(history: list[list[dict]], early_stopping: bool) -> dict:
