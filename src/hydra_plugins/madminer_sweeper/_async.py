@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 class Claims:
     """Hands out the trials of this worker: ``ask()`` -> ``(trial, job index)`` or None once the budget is spent."""
 
-    def __init__(self, study: Any, storage: Any, space: dict, n_trials: int, scope: str) -> None:
+    def __init__(self, study: Any, space: dict, n_trials: int, scope: str, shared: Any) -> None:
         self.study, self.space, self.n_trials, self.scope = study, space, n_trials, scope
         self.claimed = 0
         self.asked: list[int] = []
         self.stopped = threading.Event()
         self._lock = threading.Lock()
-        self._shared = _shared_lock(storage, str(study.study_name)) if scope == "study" else contextlib.nullcontext
+        self._shared = shared if scope == "study" else contextlib.nullcontext
         self._needs_count = scope == "study"
 
     def ask(self) -> tuple[Any, int] | None:
@@ -57,8 +57,9 @@ class Claims:
         return max(0, self.n_trials - self.claimed)
 
 
-def _shared_lock(storage: Any, study_name: str):
-    """A lock that every worker process of the study shares (a context manager factory)."""
+def shared_lock(storage: Any, study_name: str):
+    """A lock that every worker process of the study shares (a context manager factory); it also serialises the
+    study's creation (two Optuna 2.10 processes creating the schema of a fresh PostgreSQL database at once race)."""
     url = str(storage) if storage else ""
     path = sqlite_path(url) if url else None
     if path is not None:

@@ -46,9 +46,11 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
                    [sweeper.direction])]
     prepare_storage(sweeper.storage)
     pruning = _pruning(sweeper, config, len(directions))
-    study = optuna.create_study(study_name=sweeper.study_name, storage=sweeper.storage, sampler=sampler,
-                                pruner=sweeper.pruner if pruning else None, directions=directions,
-                                load_if_exists=True)
+    shared = _async.shared_lock(sweeper.storage, str(sweeper.study_name))
+    with shared():
+        study = optuna.create_study(study_name=sweeper.study_name, storage=sweeper.storage, sampler=sampler,
+                                    pruner=sweeper.pruner if pruning else None, directions=directions,
+                                    load_if_exists=True)
     log.info("Optuna study %s (storage %s, sampler %s, %s%s): %d trials%s, %d at a time%s", study.study_name,
              sweeper.storage, type(sampler).__name__, "/".join(directions),
              f", pruner {type(sweeper.pruner).__name__}" if pruning else "", n_trials,
@@ -60,7 +62,7 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     record = SweepRecord(str(sweep_dir), sweeper.max_failure_rate)
     record.save()  # a record from an earlier sweep into this folder is gone
-    claims = _async.Claims(study, sweeper.storage, space, n_trials, sweeper.n_trials_scope)
+    claims = _async.Claims(study, space, n_trials, sweeper.n_trials_scope, shared)
     batches = []
 
     def build(trial: Any) -> list[str]:

@@ -14,6 +14,7 @@ class TolerantSweeperConf:
     max_batch_size: int | None = None  # jobs handed to the launcher at once; null: all of them
     params: dict[str, str] | None = None  # sweeps of the config, as on the command line
     max_failure_rate: float = 1.0  # a grid runs every job; lower it to stop launching after too many failures
+    pruner: Any = None  # not for a grid: +hydra/sweeper/pruner=... is refused in one line
 
 
 @dataclass
@@ -118,6 +119,10 @@ def check(options: Any) -> None:
         raise ValueError("hydra/sweeper/pruner prunes the trials of an Optuna search; hydra/sweeper=tolerant runs "
                          "every job of its grid to the end: drop hydra/sweeper/pruner or use "
                          "hydra/sweeper=tolerant_optuna (hydra/sweeper/sampler=grid searches a grid)")
+    if pruner and str(pruner.get("_target_", "")).endswith("ThresholdPruner") and pruner.get("lower") is None \
+            and pruner.get("upper") is None:
+        raise ValueError("hydra/sweeper/pruner=threshold needs a bound; set hydra.sweeper.pruner.upper=<value> (or "
+                         "lower=<value>): a trial whose reported value passes it is pruned")
     scope = options.get("n_trials_scope")
     if scope is not None and scope not in ("invocation", "study"):
         raise ValueError(f"hydra.sweeper.n_trials_scope={scope} is not invocation or study; set "
