@@ -73,6 +73,33 @@ def test_sqlite_on_a_network_filesystem_is_refused_for_several_workers(tmp_path)
         storage.network_filesystem = real
 
 
+@pytest.mark.parametrize("objective, pruned_at", [("val_improved_xe", 2), ("truth_log_r_mse", 1)])
+def test_a_job_reports_its_epochs_to_its_trial_and_stops_when_pruned(tmp_path, objective, pruned_at):
+    """The objective's per-epoch value (val_loss standing in for one that is not per-epoch) goes to the trial at
+    step = epoch; Pruned carries the epochs trained once the pruner says so."""
+    from app.errors import Pruned
+    from app.sweeps.pruning import TrialReporter
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.ask()  # trial 0: another trial of the study
+    number = study.ask().number
+    config = OmegaConf.structured(PRUNERS["threshold"])
+    config.upper = 0.5  # val_improved_xe 0.4, 0.6; val_loss 0.7: pruned where the reported value passes 0.5
+    report = TrialReporter(storage, "s", config, number)
+    epochs = [{"epoch": 1, "train_loss": 0.9, "val_loss": 0.7, "val_improved_xe": 0.4},
+              {"epoch": 2, "train_loss": 0.8, "val_loss": 0.7, "val_improved_xe": 0.6}]
+    with pytest.raises(Pruned) as caught:
+        for entry in epochs:
+            report(entry, objective)
+    assert caught.value.epoch == pruned_at
+    assert [e["epoch"] for e in caught.value.history] == list(range(1, pruned_at + 1))
+    key = objective if objective in epochs[0] else "val_loss"
+    trial = optuna.load_study(study_name="s", storage=storage).trials[number]
+    assert trial.intermediate_values == {e["epoch"]: e[key] for e in epochs[:pruned_at]}
+    assert optuna.load_study(study_name="s", storage=storage).trials[0].intermediate_values == {}
+
+
 def test_a_pruner_on_a_grid_sweep_is_one_line(run_app, tmp_path):
     proc = run_app("-m", "training.alpha=1,2", "+hydra/sweeper/pruner=median", f"hydra.sweep.dir={tmp_path}/sw",
                    check=False)
@@ -138,11 +165,13 @@ def test_a_pruner_that_always_prunes_gives_pruned_trials_without_evaluation(run_
 
 
 @pytest.mark.slow
-def test_asynchronous_joblib_search_never_waits_for_a_long_trial(tmp_path):
-    """Two slots under joblib: short trials start while a long one runs; n_trials in all, each trial once."""
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                      ["hydra/launcher=submitit_local"]], ids=["joblib", "submitit"])
+def test_asynchronous_search_never_waits_for_a_long_trial(tmp_path, launcher):
+    """Two slots under joblib or submitit: short trials start while a long one runs; n_trials in all, each once."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(APPS / "sphere.py"), "-m", f"hydra.sweep.dir={tmp_path}/sweep",
-                           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                           *launcher, "hydra.sweeper.n_jobs=2",
                            "hydra.sweeper.asynchronous=true", "hydra.sweeper.n_trials=6",
                            f"hydra.sweeper.storage=sqlite:///{tmp_path}/o.db", "hydra/sweeper/sampler=random",
                            "sleep=choice(0.1,3)"],

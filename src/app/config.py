@@ -345,7 +345,7 @@ class SearchConfig:
     """What this job is to an Optuna search: set by ``hydra/sweeper=tolerant_optuna`` (with a pruner and a stored
     study), not by hand. ``trial``: the trial's number; the job reports each epoch to it (app.sweeps.pruning)."""
 
-    trial: int | None = None
+    trial: int | None = ranged(None, low=0, integer=True)
 
 
 @dataclass
