@@ -11,6 +11,6 @@
   study's storage, training stopped (:class:`app.errors.Pruned`) when the pruner says so.
 
 The sweepers themselves are Hydra plugins (``hydra_plugins.madminer_sweeper``): Hydra instantiates sweepers from
-that namespace only. Nothing here imports torch, MadMiner, MLflow or Optuna at import time (pruning imports Optuna when a pruned
-trial starts).
+that namespace only. Nothing here imports torch, MadMiner, MLflow or Optuna at import time (pruning imports Optuna
+when a pruned trial starts).
 """

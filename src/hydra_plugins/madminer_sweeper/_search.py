@@ -68,7 +68,7 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
     def build(trial: Any) -> list[str]:
         return _overrides(trial, fixed, extend, config) + ([f"search.trial={trial.number}"] if pruning else [])
 
-    def tell(trial: Any, ret: Any) -> tuple[BaseException | None, bool]:
+    def tell(trial: Any, ret: Any) -> tuple[BaseException | None, bool]:  # an asynchronous trial: a batch of one
         error = _tell(study, trial, ret, record, len(directions))
         over = record.over_budget()
         record.save()
@@ -91,9 +91,11 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
             sweeper.validate_batch_is_legal(batch)
             returns = sweeper.launcher.launch(batch, initial_job_idx=len(record.jobs))
             batches.append(returns)
-            told = [tell(trial, ret) for trial, ret in zip(trials, returns)]
-            if told[-1][1]:
-                stop(record, config, next((e for e, _ in told if e is not None), None))
+            errors = [_tell(study, trial, ret, record, len(directions)) for trial, ret in zip(trials, returns)]
+            over = record.over_budget()
+            record.save()
+            if over:
+                stop(record, config, next((e for e in errors if e is not None), None))
                 break
     except BaseException:
         _fail_running(study, claims.asked)
@@ -108,14 +110,14 @@ def _pruning(sweeper: Any, config: Any, n_objectives: int) -> bool:
         return False
     reason = None
     if not sweeper.storage:
-        reason = "an in-memory study (hydra.sweeper.storage=null) cannot be reached from the jobs"
+        reason = ("an in-memory study (hydra.sweeper.storage=null) cannot be reached from the jobs; set "
+                  "hydra.sweeper.storage=sqlite:///... (or postgresql://...) to prune")
     elif n_objectives > 1:
         reason = "Optuna prunes single-objective studies only"
     elif OmegaConf.select(config, "search", default=None) is None:
         reason = "this app's config has no search.trial to tell a job its trial"
     if reason:
-        log.info("hydra/sweeper/pruner ignored: %s; set hydra.sweeper.storage (sqlite:///..., postgresql://...) "
-                 "to prune", reason)
+        log.info("hydra/sweeper/pruner ignored: %s", reason)
         return False
     return True
 
