@@ -1,6 +1,6 @@
 """Trials that never wait for each other against Optuna's batches, side by side in one run.
 
-    python bench/async.py [--trials 12] [--min-epochs 5] [--max-epochs 60] [--samples 20000] [--batch-size 64]
+    python bench/async.py [--trials 12] [--min-epochs 5] [--max-epochs 60] [--samples 20000] [--batch-size 16]
 
 The same search twice on the toy, training only (``stage=train``: the trials' lengths are their training): 12 trials
 whose ``training.n_epochs`` runs from 5 to 60 (``hydra/sweeper/sampler=grid``: each length once), two at a time
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--min-epochs", type=int, default=5)
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--samples", type=int, default=20000, help="sampling.n_samples")
-    parser.add_argument("--batch-size", type=int, default=64, help="training.batch_size (an epoch of ~0.5 s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="training.batch_size (an epoch of ~0.8 s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         work = Path(tmp)
