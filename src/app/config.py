@@ -346,6 +346,14 @@ class ObjectiveConfig:
 
 
 @dataclass
+class SearchConfig:
+    """What this job is to an Optuna search: set by ``hydra/sweeper=tolerant_optuna`` (with a pruner and a stored
+    study), not by hand. ``trial``: the trial's number; the job reports each epoch to it (app.sweeps.pruning)."""
+
+    trial: int | None = ranged(None, low=0, integer=True)
+
+
+@dataclass
 class Config:
     data: Any = MISSING
     sampling: SamplingConfig = MISSING
@@ -355,6 +363,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     stage: Stage = Stage.all
     seed: int = ranged(42, low=0, high=SEED_MAX, integer=True)
     verbose: bool = False

@@ -26,8 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.config import register_configs
-from app.errors import UserError, first_line
+from app.errors import Pruned, UserError, first_line
 from app.sweeps import slurm
+from app.sweeps.pruning import reporter
 from app.sweeps.storage import prepare_storage
 from app.tracking.redaction import redact_log_records, redact_text
 
@@ -48,7 +49,7 @@ redact_log_records()  # secrets (token=..., user:password@ in URIs) never reach 
 def task(cfg: DictConfig) -> float | None:
     try:
         return _task(cfg)
-    except UserError:
+    except (UserError, Pruned):  # Pruned: the search's pruner stopped the trial; the sweeper tells the study
         raise
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not _full_error():
@@ -64,7 +65,7 @@ def _task(cfg: DictConfig) -> float | None:
     from app.pipeline import run
 
     try:
-        return run(cfg)
+        return run(cfg, on_record=reporter(cfg))
     except KeyboardInterrupt:
         _end_tracking("KILLED", None)
         raise

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.domain import datafile
 from app.domain import metrics as metric_table
 from app.domain.validate import check_config, check_options
-from app.errors import UserError
+from app.errors import Pruned, UserError
 from app.ml import device
 from app.stages import evaluate, plot, sample, train
 from app.store import cache, provenance
@@ -33,7 +33,10 @@ STAGES = ("sample", "train", "evaluate", "plot")
 GROUPS = ("experiment", "data", "sampling", "training", "evaluation", "tracking", "hparams_search")
 
 
-def run(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig, on_record=None) -> float | None:
+    """``on_record(entry, objective)``: every training epoch's record and the objective's name (a search's pruner
+    reports it to its trial and raises :class:`app.errors.Pruned` to stop the job: then ``results/metrics.json``
+    holds the epochs trained and ``run.json`` says ``pruned``, and nothing is evaluated)."""
     _quiet_libraries(cfg.verbose)
     hydra_cfg = HydraConfig.get()
     _share_cores(hydra_cfg)
@@ -89,8 +92,10 @@ def run(cfg: DictConfig) -> float | None:
         elif name == "train":
             samples_dir = get("sample").samples_dir
             with _timed("train"), _progress(cfg.training.n_epochs) as on_epoch:
+                record = None if on_record is None else (lambda entry: on_record(entry, objective[0]))
                 folder = ctx.produce(
-                    "train", lambda tmp: train.run(cfg, method, info, samples_dir, tmp, on_epoch=on_epoch)
+                    "train",
+                    lambda tmp: train.run(cfg, method, info, samples_dir, tmp, on_epoch=on_epoch, on_record=record),
                 )
         else:
             model = get("train")
@@ -112,7 +117,14 @@ def run(cfg: DictConfig) -> float | None:
         if "sample" in stages:
             get("sample")
         if "train" in stages:
-            metrics = dict(get("train").metrics)
+            try:
+                metrics = dict(get("train").metrics)
+            except Pruned as err:  # the epochs trained are this job's record; nothing to evaluate
+                update_json(out_dir / "results" / "metrics.json",
+                            {"loss_history": err.history, "n_epochs_trained": err.epoch})
+                update_json(run_file, {"pruned": {"epoch": err.epoch}})
+                log.info("training stopped by the search's pruner after epoch %d: no evaluation", err.epoch)
+                raise
             if stage == "train":
                 update_json(out_dir / "results" / "metrics.json", metrics)
         if "evaluate" in stages or "plot" in stages:

@@ -77,8 +77,13 @@ def run(
     samples_dir: Path,
     out_dir: Path,
     on_epoch: Callable[[int, int, float, float | None], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train ``method`` on ``samples_dir`` into ``out_dir/model``."""
+    """Train ``method`` on ``samples_dir`` into ``out_dir/model``.
+
+    ``on_record(entry)`` gets every epoch's record (``epoch``, ``train_loss``, ``val_loss`` and each loss term,
+    ``val_improved_xe``, ...) with either trainer; an exception it raises ends training and leaves no model (a
+    search's pruner stops a trial this way)."""
     t = cfg.training
     files = sample.arrays(samples_dir)
     if "x" not in files:
@@ -124,7 +129,7 @@ def run(
     history: list[list[dict]] = []
     ensemble_val = None
     with atomic_dir(out_dir / "model") as tmp:
-        record = _recorder(t.n_epochs, history, on_epoch)
+        record = _recorder(t.n_epochs, history, on_epoch, on_record)
         with device.use(t.device) as name, madminer_patches.epoch_reports(record):
             if t.n_estimators > 1:
                 from madminer.ml import Ensemble
@@ -245,7 +250,7 @@ def _check_finished(history: list[list[dict]], n_estimators: int, n_epochs: int)
             )
 
 
-def _recorder(n_epochs: int, history: list[list[dict]], on_epoch):
+def _recorder(n_epochs: int, history: list[list[dict]], on_epoch, on_record=None):
     """Record every epoch's losses (and report progress); for :func:`app.ml.madminer_patches.epoch_reports`.
 
     Besides the total (alpha-weighted) loss it records each loss term by MadMiner's label, unweighted:
@@ -265,6 +270,8 @@ def _recorder(n_epochs: int, history: list[list[dict]], on_epoch):
         history[-1].append(entry)
         if on_epoch is not None:
             on_epoch(i_epoch + 1, n_epochs, float(loss_train), None if loss_val is None else float(loss_val))
+        if on_record is not None:
+            on_record(dict(entry))
 
     return record
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import error_line
+from app.errors import Pruned, error_line
 from app.store.files import read_json, write_json
 from app.tracking.redaction import redact_text
 
@@ -59,6 +59,9 @@ def outcome(ret: Any, job: int) -> tuple[JobOutcome, BaseException | None]:
             error: BaseException = RuntimeError(f"job ended with status {ret.status.name} ({value!r})")
         except Exception as err:  # noqa: BLE001 - whatever the task raised is the job's failure
             error = err
+        if isinstance(error, Pruned):  # the search's pruner stopped it: not a failure, no objective
+            found.status = PRUNED
+            return found, error
         found.status, found.error = FAILED, redact_text(error_line(error))
         return found, error
     found.objective = _number(ret.return_value)

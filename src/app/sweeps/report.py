@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.domain.metrics import Child, rank
 from app.store.files import read_json
 from app.sweeps import outcomes
+from app.sweeps.storage import check_shared
 from app.tracking.backend import effective_uri, ui_line
 
 MAX_ROWS = 20  # a longer sweep shows its best jobs; sweep.json lists all of them
@@ -36,6 +37,10 @@ class SweepReport(Callback):
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        unsafe = check_shared(sweeper, config.hydra.get("launcher"))
+        if unsafe:
+            print(f"error: {unsafe}", file=sys.stderr)
+            raise SystemExit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         _release_joblib_workers(config)

@@ -6,7 +6,8 @@
   ``$MADMINER_SWEEPER_PARENT_RUN_ID`` (a step of the Yadage workflow);
 - each job is one run: the resolved config as params (batched), group choices and provenance as tags, then at its
   end the metrics, the event file as input dataset, and the artifacts;
-- the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING;
+- the run ends FINISHED, FAILED (first line of the error in a tag) or KILLED, never RUNNING; a trial that the
+  search's pruner stopped ends KILLED with the tag ``optuna.trial_state=PRUNED`` and its per-epoch series;
 - a single run ends with the ``mlflow ui`` line for the store its run went to.
 
 The callback gathers what to record; the functions of :mod:`app.tracking.calls` make the MLflow calls, by default in
@@ -31,13 +32,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from app.errors import error_line
+from app.errors import Pruned, error_line
 from app.store.files import update_json
 from app.sweeps import outcomes
 from app.tracking import backend, calls, comparison, helper, redaction
 
 log = logging.getLogger("app.tracking")
 
+PRUNED_TAG = "optuna.trial_state"  # PRUNED on the run of a job that the search's pruner stopped (run ends KILLED)
 PARENT_ENV = "MADMINER_SWEEPER_PARENT_RUN_ID"  # a parent run given by the caller (the Yadage workflow)
 # This process's job run ({"handle", "parent", "tracking_seconds"}) and sweep ({"parent": start_parent's future,
 # "uri", "dir"})
@@ -219,11 +221,14 @@ class MLflowCallback(Callback):
         started = time.perf_counter()
         tracker, handle = helper.current(), _active.pop("handle")
         failed = job_return.status == JobStatus.FAILED
+        pruned = failed and _pruned(job_return)  # the search's pruner stopped it: KILLED, tagged, not an error
         value = None if failed else job_return.return_value
         objective = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         job_num = OmegaConf.select(config, "hydra.job.num", default=0, throw_on_missing=False)
-        tracker.submit(calls.finish_job, handle=handle, status="FAILED" if failed else "FINISHED",
-                       error=_job_error(job_return) if failed else None,
+        status = "KILLED" if pruned else "FAILED" if failed else "FINISHED"
+        tracker.submit(calls.finish_job, handle=handle, status=status,
+                       error=_job_error(job_return) if failed and not pruned else None,
+                       tags={PRUNED_TAG: "PRUNED"} if pruned else None,
                        register_model=bool(config.tracking.register_model), objective=objective,
                        parent=_active.get("parent"), job_num=int(job_num or 0), end_time=_ms())
         if _multirun(config) and not tracker.remote:  # the calls were made here
@@ -234,6 +239,17 @@ class MLflowCallback(Callback):
         update_json(Path(config.hydra.runtime.output_dir) / "run.json", {"tracking_seconds": round(spent, 3)})
         if not _multirun(config):
             _report(tracker, config)  # a run: its calls are made before the command ends; a failure is one line
+
+
+def _pruned(job_return) -> bool:
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            _ = job_return.return_value
+        except Pruned:
+            return True
+        except Exception:  # noqa: BLE001 - any other error: a failure
+            return False
+    return False
 
 
 def _job_error(job_return) -> str:

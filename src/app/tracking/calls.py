@@ -248,7 +248,8 @@ def stop_system_metrics(handle: str) -> None:
 
 @reported
 def finish_job(*, handle: str, status: str, error: str | None, register_model: bool, objective: float | None = None,
-               parent: dict | None = None, job_num: int = 0, end_time: int | None = None) -> None:
+               parent: dict | None = None, job_num: int = 0, end_time: int | None = None,
+               tags: dict | None = None) -> None:
     """Everything the job produced (read from its output dir), then its end. If the store fails on the way, the run
     stays RUNNING (closed as FAILED later: ``close-orphans``, or the next run)."""
 
@@ -262,6 +263,8 @@ def finish_job(*, handle: str, status: str, error: str | None, register_model: b
         except (Skipped, CallFailed):  # the parent's failure is reported on its own
             pass
     results.log_job(c, run_id, Path(STORE.dirs[handle]), register_model, objective, parent_id, job_num)
+    if tags:
+        backend.set_tags(c, run_id, tags)
     _end(c, handle, run_id, status, error, end_time)
 
 

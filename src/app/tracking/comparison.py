@@ -60,6 +60,7 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
             "n_children": len(runs),
             "n_finished": sum(r.info.status == "FINISHED" for r in runs),
             "n_failed": sum(r.info.status == "FAILED" for r in runs),
+            "n_pruned": sum(r.data.tags.get("optuna.trial_state") == "PRUNED" for r in runs),
             "varied_params": varied,
             "comparable": best is not None,
             "why": reason,
@@ -78,7 +79,8 @@ def summarise_sweep(c, parent: dict, metric: str | None, direction: str | None) 
             methods_overlay(runs, tmp / "limits_by_method.png")
         c.log_artifacts(parent["run_id"], str(tmp), "comparison")
 
-    tags = {"n_children": len(runs), "n_failed": summary["n_failed"], "comparison": reason}
+    tags = {"n_children": len(runs), "n_failed": summary["n_failed"], "n_pruned": summary["n_pruned"],
+            "comparison": reason}
     failed = [f"failed: job {r.data.tags.get('job.num', '?')} [{r.data.tags.get('overrides', '')}]: "
               f"{r.data.tags.get('error', '?')}" for r in runs if r.info.status == "FAILED"]
     if failed:

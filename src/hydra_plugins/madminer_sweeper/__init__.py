@@ -4,7 +4,8 @@
   does not end the grid.
 - ``hydra/sweeper=tolerant_optuna`` (:mod:`.optuna_sweeper`): an Optuna search (ask -> launch -> tell) with the
   YAML interface of Hydra's Optuna sweeper, a failure budget over all trials, and Ctrl-C that leaves no trial of
-  the invocation RUNNING.
+  the invocation RUNNING; pruning (``hydra/sweeper/pruner``), trials that never wait for each other
+  (``asynchronous``, :mod:`._async`) and workers that share one study's ``n_trials`` (``n_trials_scope=study``).
 - ``hydra/launcher=slurm`` (:mod:`.slurm_launcher`): Hydra's submitit SLURM launcher, waiting for each job on its own,
   so that a job SLURM ends (time limit, ``scancel``) is one failed job rather than the end of the sweep.
 

@@ -22,10 +22,11 @@ from hydra.utils import get_method
 from omegaconf import ListConfig, OmegaConf
 from optuna.trial import TrialState
 
-from app.sweeps.outcomes import FAILED, FINISHED, JobOutcome, SweepRecord, stop
+from app.sweeps.outcomes import FAILED, FINISHED, PRUNED, JobOutcome, SweepRecord, stop
+from app.sweeps.pruning import active
 from app.sweeps.storage import prepare_storage
 
-from . import _space
+from . import _async, _space
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +45,49 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
                   (sweeper.direction if isinstance(sweeper.direction, (list, tuple, ListConfig)) else
                    [sweeper.direction])]
     prepare_storage(sweeper.storage)
-    study = optuna.create_study(study_name=sweeper.study_name, storage=sweeper.storage, sampler=sampler,
-                                directions=directions, load_if_exists=True)
-    log.info("Optuna study %s (storage %s, sampler %s, %s): %d trials, %d at a time", study.study_name,
-             sweeper.storage, type(sampler).__name__, "/".join(directions), n_trials, sweeper.n_jobs)
+    pruning = _pruning(sweeper, config, len(directions))
+    shared = _async.shared_lock(sweeper.storage, str(sweeper.study_name))
+    with shared():
+        study = optuna.create_study(study_name=sweeper.study_name, storage=sweeper.storage, sampler=sampler,
+                                    pruner=sweeper.pruner if pruning else None, directions=directions,
+                                    load_if_exists=True)
+    log.info("Optuna study %s (storage %s, sampler %s, %s%s): %d trials%s, %d at a time%s", study.study_name,
+             sweeper.storage, type(sampler).__name__, "/".join(directions),
+             f", pruner {type(sweeper.pruner).__name__}" if pruning else "", n_trials,
+             " in the study" if sweeper.n_trials_scope == "study" else "", sweeper.n_jobs,
+             ", asynchronous" if sweeper.asynchronous else "")
     extend = get_method(sweeper.custom_search_space) if sweeper.custom_search_space else None
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     record = SweepRecord(str(sweep_dir), sweeper.max_failure_rate)
     record.save()  # a record from an earlier sweep into this folder is gone
-    asked: list[int] = []
+    claims = _async.Claims(study, space, n_trials, sweeper.n_trials_scope, shared)
     batches = []
+
+    def build(trial: Any) -> list[str]:
+        return _overrides(trial, fixed, extend, config) + ([f"search.trial={trial.number}"] if pruning else [])
+
+    def tell(trial: Any, ret: Any) -> tuple[BaseException | None, bool]:  # an asynchronous trial: a batch of one
+        error = _tell(study, trial, ret, record, len(directions))
+        over = record.over_budget()
+        record.save()
+        return error, over
+
     try:
-        while len(record.jobs) < n_trials:
+        if sweeper.asynchronous:
+            batches = _async.run(sweeper, claims, build, tell, lambda error: stop(record, config, error))
+        while not sweeper.asynchronous:
             trials = []
-            for _ in range(min(sweeper.n_jobs, n_trials - len(record.jobs))):
+            for _ in range(min(sweeper.n_jobs, claims.remaining())):
                 with _interrupt_after():  # the trial is RUNNING in the storage before ask() returns its number
-                    trials.append(study.ask(space))
-                    asked.append(trials[-1].number)
-            batch = [_overrides(trial, fixed, extend, config) for trial in trials]
+                    claimed = claims.ask()
+                if claimed is None:
+                    break
+                trials.append(claimed[0])
+            if not trials:
+                break
+            batch = [build(trial) for trial in trials]
             sweeper.validate_batch_is_legal(batch)
             returns = sweeper.launcher.launch(batch, initial_job_idx=len(record.jobs))
             batches.append(returns)
@@ -74,10 +98,28 @@ def search(sweeper: Any, arguments: list[str]) -> list[Any]:
                 stop(record, config, next((e for e in errors if e is not None), None))
                 break
     except BaseException:
-        _fail_running(study, asked)
+        _fail_running(study, claims.asked)
         raise
     _save_best(study, sweep_dir, len(directions))
     return batches
+
+
+def _pruning(sweeper: Any, config: Any, n_objectives: int) -> bool:
+    """Whether the jobs report their epochs to their trials; one log line when a pruner is set but cannot act."""
+    if not active(sweeper.pruner):
+        return False
+    reason = None
+    if not sweeper.storage:
+        reason = ("an in-memory study (hydra.sweeper.storage=null) cannot be reached from the jobs; set "
+                  "hydra.sweeper.storage=sqlite:///... (or postgresql://...) to prune")
+    elif n_objectives > 1:
+        reason = "Optuna prunes single-objective studies only"
+    elif OmegaConf.select(config, "search", default=None) is None:
+        reason = "this app's config has no search.trial to tell a job its trial"
+    if reason:
+        log.info("hydra/sweeper/pruner ignored: %s", reason)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -110,6 +152,9 @@ def _tell(study: Any, trial: Any, ret: Any, record: SweepRecord, n_objectives: i
         found.status = FAILED
         found.error = (f"ValueError: the job returned {ret.return_value!r}, not "
                        f"{'a finite number' if n_objectives == 1 else f'{n_objectives} finite numbers'} to optimise")
+    if found.status == PRUNED:
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
     if found.status == FAILED:
         log.warning("job %d failed: %s", found.job, found.error)
         study.tell(trial, state=TrialState.FAIL)

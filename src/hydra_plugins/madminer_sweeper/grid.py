@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 class TolerantSweeper(Sweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
-                 max_failure_rate: float = 1.0) -> None:
+                 max_failure_rate: float = 1.0, pruner: Any = None) -> None:
         check({"max_batch_size": max_batch_size, "max_failure_rate": max_failure_rate})
+        if pruner is not None and type(pruner).__name__ != "NopPruner":
+            raise ValueError("hydra/sweeper/pruner prunes the trials of an Optuna search; hydra/sweeper=tolerant "
+                             "runs every job of its grid to the end: drop hydra/sweeper/pruner or use "
+                             "hydra/sweeper=tolerant_optuna")
         self.max_batch_size = max_batch_size
         self.params = params or {}
         self.max_failure_rate = max_failure_rate

@@ -13,11 +13,14 @@ from .config import check
 class TolerantOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, params: dict[str, str] | None,
-                 custom_search_space: str | None = None) -> None:
-        check({"n_trials": n_trials, "n_jobs": n_jobs, "max_failure_rate": max_failure_rate, "direction": direction})
+                 custom_search_space: str | None = None, pruner: Any = None, asynchronous: bool = False,
+                 n_trials_scope: str = "invocation") -> None:
+        check({"n_trials": n_trials, "n_jobs": n_jobs, "max_failure_rate": max_failure_rate, "direction": direction,
+               "n_trials_scope": n_trials_scope})
         self.sampler, self.direction, self.storage, self.study_name = sampler, direction, storage, study_name
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
         self.params, self.custom_search_space = params or {}, custom_search_space
+        self.pruner, self.asynchronous, self.n_trials_scope = pruner, asynchronous, n_trials_scope
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
