@@ -51,9 +51,10 @@ DOUBLE = [
 # run) -0.22-0.16; before the theta-scaling fix of issue 19 (raw theta into a network trained on scaled theta)
 # 0.54-0.70 (0.59 on seed 1); trained at theta1 = sm only (the code before issue 8's fix; seed 1) -0.03
 DOUBLE_LOG_R_CORR_MIN = 0.75
-# truth_log_r_mse: trained 1.30-1.33; untrained 1.62-1.84 (1.75-1.84 on the seed-1 run the test checks); before the
+# truth_log_r_mse: trained 1.30-1.33 (seeds 1-3 on the former draws), 1.48, 1.45, 1.28, 1.33 (seeds 1-4 with each
+# theta set drawn from its own seed); untrained 1.62-1.84 (1.75-1.84 on the seed-1 run the test checks); before the
 # theta-scaling fix 1.05-1.40; theta1 = sm only (seed 1) 2.85
-DOUBLE_LOG_R_MSE_MAX = 1.48
+DOUBLE_LOG_R_MSE_MAX = 1.56
 SALLY_ENSEMBLE_SCORE_MSE_MAX = 0.005  # 2 SALLY members: trained 0.0013-0.0017; untrained 0.172-0.242
 SALLY_ENSEMBLE_IOU_MIN = 0.70  # truth_limits_sally_iou: trained 0.824-0.853
 # adaptive SALLY at theta_true = thetaref = sm: 68% CL IoU 0.00-0.02 for trained and untrained networks alike (its
