@@ -3,8 +3,8 @@
     python bench/pruning.py [--trials 16] [--epochs 30] [--stage all] [--seeds 3]
 
 The preset ``hparams_search=alices_optuna`` (TPE, sampler seed 1, objective ``val_improved_xe``) on the toy, twice
-with the same sampler seed: without a pruner, then with ``hydra/sweeper/pruner=median`` (Optuna's defaults: 5
-startup trials, no warm-up). Each search gets its own stage cache (the toy file shared) and its own study, so
+with the same sampler seed: without a pruner, then with ``hydra/sweeper/pruner=median`` (2 startup trials, 5
+warm-up epochs: ``PRUNER``). Each search gets its own stage cache (the toy file shared) and its own study, so
 neither reuses the other's models. The seed-to-seed spread is measured on the unpruned search's best parameters:
 the same trial retrained with ``--seeds`` other training seeds (``seed=43,44,...``); the spread is the range of the
 objective over those runs and the best one.
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 EPOCHS_GOAL, WALL_GOAL = 0.50, 0.60
+# The median pruner as one would set it for a 16-trial search: 2 trials before it prunes (Optuna's default, 5, leaves
+# a third of such a search unprunable), and no pruning in a trial's first 5 epochs.
+PRUNER = ["hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=5"]
 
 
 def run(cmd: list[str], work: Path, cache: Path) -> float:
@@ -47,7 +50,8 @@ def search(work: Path, toy: Path, name: str, args: argparse.Namespace, extra: li
     sweep = work / name
     cmd = ["-m", "hparams_search=alices_optuna", f"stage={args.stage}", "tracking=disabled",
            f"training.n_epochs={args.epochs}", "training.early_stopping=false", f"sampling.n_samples={args.samples}",
-           f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.storage=sqlite:///{work}/{name}.db",
+           f"training.batch_size={args.batch_size}", f"hydra.sweeper.n_trials={args.trials}",
+           f"hydra.sweeper.storage=sqlite:///{work}/{name}.db",
            f"hydra.sweep.dir={sweep}", *extra]
     wall = run(cmd, work, cache_for(work, toy, name))
     record = json.loads((sweep / "sweep.json").read_text())
@@ -69,7 +73,7 @@ def spread(work: Path, toy: Path, best: dict, args: argparse.Namespace) -> float
     sweep = work / "seeds"
     run(["-m", "training=alices", "stage=train", "tracking=disabled", f"seed={seeds}", *searched,
          f"training.n_epochs={args.epochs}", "training.early_stopping=false", f"sampling.n_samples={args.samples}",
-         f"hydra.sweep.dir={sweep}"], work, cache_for(work, toy, "seeds"))
+         f"training.batch_size={args.batch_size}", f"hydra.sweep.dir={sweep}"], work, cache_for(work, toy, "seeds"))
     values = [best["objective"]] + [json.loads((sweep / str(i) / "results" / "metrics.json").read_text())
                                     ["val_improved_xe"] for i in range(args.seeds)]
     return max(values) - min(values)
@@ -82,8 +86,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10000, help="sampling.n_samples")
     parser.add_argument("--stage", default="all", help="all (the preset's search) or train (training only)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds for the spread of the best trial")
-    parser.add_argument("--pruner", nargs="*", default=[],
-                        help="more overrides of the pruned search, e.g. hydra.sweeper.pruner.n_warmup_steps=5")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="training.batch_size: small, so that training (not fixed costs) sets the wall")
+    parser.add_argument("--pruner", nargs="*", default=PRUNER,
+                        help="the pruned search's settings of the median pruner (default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         work = Path(tmp)
