@@ -160,3 +160,15 @@ def kinds() -> dict[type, Kind]:
         ml.ScoreEstimator: score,
         ml.LikelihoodEstimator: likelihood,
     }
+
+
+def set_dimensions(estimator, n_observables: int, n_parameters: int) -> None:
+    """The estimator's numbers of observables and parameters, as MadMiner's ``train`` sets and checks them."""
+    if estimator.n_observables is None:
+        estimator.n_observables = n_observables
+    if estimator.n_parameters is None:
+        estimator.n_parameters = n_parameters
+    if n_parameters != estimator.n_parameters:
+        raise RuntimeError(f"Number of parameters does not match: {n_parameters} vs {estimator.n_parameters}")
+    if n_observables != estimator.n_observables:
+        raise RuntimeError(f"Number of observables does not match: {n_observables} vs {estimator.n_observables}")

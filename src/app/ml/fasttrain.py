@@ -246,14 +246,7 @@ def _prepare(estimator, kind, method, arrays, scale_inputs, scale_parameters, sh
             d["x"] = d["x"][:, estimator.features]
         n_observables = train["x"].shape[1]
 
-    if estimator.n_observables is None:
-        estimator.n_observables = n_observables
-    if estimator.n_parameters is None:
-        estimator.n_parameters = n_parameters
-    if n_parameters != estimator.n_parameters:
-        raise RuntimeError(f"Number of parameters does not match: {n_parameters} vs {estimator.n_parameters}")
-    if n_observables != estimator.n_observables:
-        raise RuntimeError(f"Number of observables does not match: {n_observables} vs {estimator.n_observables}")
+    estimator_kinds.set_dimensions(estimator, n_observables, n_parameters)
     data = kind.package(estimator, method, train)
     return data, (kind.package(estimator, method, val) if val is not None else None)
 

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from app.ml import estimator_kinds
+
 log = logging.getLogger(__name__)
 
 STREAM_ABOVE = 1 << 21  # training samples (rows of x) above which the fast trainer leaves them on disk
@@ -146,14 +148,7 @@ def prepare(
             thetas[0] if len(thetas) == 1 else np.concatenate(thetas, 0), scale_parameters
         )
     n_observables = x.shape[1] if estimator.features is None else len(estimator.features)
-    if estimator.n_observables is None:
-        estimator.n_observables = n_observables
-    if estimator.n_parameters is None:
-        estimator.n_parameters = n_parameters
-    if n_parameters != estimator.n_parameters:
-        raise RuntimeError(f"Number of parameters does not match: {n_parameters} vs {estimator.n_parameters}")
-    if n_observables != estimator.n_observables:
-        raise RuntimeError(f"Number of observables does not match: {n_observables} vs {estimator.n_observables}")
+    estimator_kinds.set_dimensions(estimator, n_observables, n_parameters)
 
     def batch(raw: dict) -> dict:
         """A slice of the files as fasttrain._prepare turns the whole arrays into training data."""
