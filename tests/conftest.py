@@ -126,13 +126,9 @@ def run_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> subproces
     return subprocess.CompletedProcess(["app", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
-@pytest.fixture
-def compose_app(tmp_path, test_cache, monkeypatch):
-    """Compose the app's config in this process, as ``python -m app ARGS`` would (Hydra's compose API), and set it as
-    the job's Hydra config; returns the job's config (without its ``hydra`` node), ready for ``app.pipeline.run``.
-
-    The stage cache is this test's own (``test_cache``); tracking is off unless a ``tracking=...`` override is given
-    (the MLflow callback is not a part of ``pipeline.run``: a test that needs it runs the CLI)."""
+def compose_job(*overrides: str, run_dir: Path):
+    """What ``python -m app OVERRIDES`` composes (Hydra's compose API), set as the job's Hydra config with its output
+    dir at ``run_dir``; returns the job's config (without its ``hydra`` node), ready for ``app.pipeline.run``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -140,23 +136,35 @@ def compose_app(tmp_path, test_cache, monkeypatch):
     from app.config import register_configs
     from app.main import config_dir
 
-    monkeypatch.setenv("MADMINER_SWEEPER_CACHE", str(test_cache))
     register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="app"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def compose_app(tmp_path, test_cache, monkeypatch):
+    """Compose the app's config in this process, as ``python -m app ARGS`` would (:func:`compose_job`), and set it as
+    the job's Hydra config; returns the job's config (without its ``hydra`` node), ready for ``app.pipeline.run``.
+
+    The stage cache is this test's own (``test_cache``); tracking is off unless a ``tracking=...`` override is given
+    (the MLflow callback is not a part of ``pipeline.run``: a test that needs it runs the CLI)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("MADMINER_SWEEPER_CACHE", str(test_cache))
 
     def make(*overrides: str, run_dir: Path | None = None):
         args = list(overrides)
         if not any(a.startswith("tracking=") for a in args):
             args.append("tracking=disabled")
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="app"):
-            cfg = compose("config", overrides=args, return_hydra_config=True)
-        out = Path(run_dir or tmp_path / "run")
-        out.mkdir(parents=True, exist_ok=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(out)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        return compose_job(*args, run_dir=run_dir or tmp_path / "run")
 
     yield make
     HydraConfig.instance().cfg = None  # the next test composes its own

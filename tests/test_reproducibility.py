@@ -16,32 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, compose_job
 
 # The histogram limit is estimator-independent (memoised); the ml limit and the test predictions come after it.
 CONFIG = [*TINY, "evaluation.modes=[ml,histo]", "stage=evaluate", "tracking=disabled"]
 RTOL = 1e-6
-
-
-def _compose(*overrides: str, run_dir: Path):
-    """What ``python -m app OVERRIDES`` composes, set as the job's Hydra config (as conftest's compose_app)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from app.config import register_configs
-    from app.main import config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="app"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def job(cache: Path, run_dir: Path, *overrides: str) -> Path:
@@ -53,7 +32,7 @@ def job(cache: Path, run_dir: Path, *overrides: str) -> Path:
     saved = os.environ.get("MADMINER_SWEEPER_CACHE")
     os.environ["MADMINER_SWEEPER_CACHE"] = str(cache)
     try:
-        pipeline.run(_compose(*overrides, run_dir=run_dir))
+        pipeline.run(compose_job(*overrides, run_dir=run_dir))
     finally:
         HydraConfig.instance().cfg = None
         if saved is None:
