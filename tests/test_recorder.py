@@ -17,9 +17,9 @@ from conftest import TINY, app_checked_at_exit
 
 
 def _runs(uri: str):
-    from mlflow.tracking import MlflowClient
+    from app.tracking import backend
 
-    c = MlflowClient(tracking_uri=uri)
+    c = backend.client(uri)  # the app's lock: reading while the command creates the store does not break it
     experiment = c.get_experiment_by_name("madminer-sweeper")
     return c, ([] if experiment is None else c.search_runs([experiment.experiment_id], max_results=100))
 

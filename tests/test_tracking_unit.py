@@ -149,6 +149,23 @@ def test_the_dataset_insert_race_is_retried(tmp_path):
     assert len(client.calls) == 1
 
 
+@pytest.mark.slow
+def test_processes_opening_a_fresh_sqlite_store_at_once_all_get_it(tmp_path):
+    """A run starting while another process opens the same new mlflow.db (CI: a test reading the store as the
+    command's tracking helper created it): MLflow's table creation raced and left the database half-migrated for
+    ever ("table _alembic_tmp_experiments already exists"). Four processes at once all open it now."""
+    import subprocess
+    import sys
+
+    code = (f"from app.tracking import backend\n"
+            f"backend.client('sqlite:///{tmp_path}/mlflow.db').search_experiments()\nprint('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o.strip() for o, _ in outs] == ["ok"] * 4, [e.strip().splitlines()[-1:] for _, e in outs]
+    assert not (tmp_path / "mlflow.db.lock").exists()  # the folder is the lock: nothing beside the store
+
+
 def test_a_uri_without_a_valid_port_is_one_line():
     with pytest.raises(backend.TrackingUnavailable, match=r"unreachable \(no valid port in db:abc\)"):
         backend.probe_server("http://user:pw@db:abc")

@@ -47,10 +47,14 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def locked(lock_file: str | Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_file`` (created if missing) for the block: one process at a time."""
+    """Hold an exclusive ``flock`` on ``lock_file`` (created if missing; an existing folder is locked as it is, with
+    no file added) for the block: one process at a time."""
     lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    if lock_file.is_dir():
+        fd = os.open(lock_file, os.O_RDONLY)
+    else:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import UserError, first_line
-from app.store.files import sqlite_path
+from app.store.files import locked, sqlite_path
 from app.tracking.redaction import redact_text
 
 TRUNCATED = "...[truncated; full value in the config artifact]"
@@ -121,9 +121,17 @@ def check_database(uri: str) -> None:
 
 
 def client(uri: str):
+    """An MlflowClient; a database store opens here (and creates MLflow's tables when it is new). Two processes that
+    create a fresh sqlite store at once corrupt it (each runs MLflow's migrations: "table _alembic_tmp_experiments
+    already exists" for ever after), so the app's processes open a sqlite store one at a time (a lock on its
+    folder)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    path = sqlite_path(uri)
+    if path is None or not path.parent.is_dir():  # no folder: MLflow says so
+        return MlflowClient(tracking_uri=uri)
+    with locked(path.parent):
+        return MlflowClient(tracking_uri=uri)
 
 
 def ride_out_restarts() -> None:
