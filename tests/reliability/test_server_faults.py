@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, free_port
+from conftest import SERVER_ENV, TINY, free_port
 
 
 class Server:
@@ -30,7 +30,8 @@ class Server:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", self.backend, "--artifacts-destination", str(self.tmp / "artifacts"),
              "--workers", "1"],
-            cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "a"), start_new_session=True)
+            cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "a"), start_new_session=True,
+            env=SERVER_ENV)
         deadline = time.time() + 120
         while True:
             try:

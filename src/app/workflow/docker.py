@@ -37,7 +37,9 @@ def serve_mlflow(workdir: Path) -> tuple[subprocess.Popen, str]:
             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination",
             str(workdir / "mlartifacts")]
     log_file = open(workdir / "mlflow-server.log", "w")  # noqa: SIM115 - open for the server's lifetime
-    server = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    # The server only records runs: without MLflow's job runner (eight more processes, ~25 s of CPU at start).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     uri = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
