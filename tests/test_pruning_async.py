@@ -229,3 +229,40 @@ def test_asynchronous_app_search_under_joblib_nests_every_trial_under_one_parent
     assert len(parents) == 1 and len(children) == 3
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parents[0].info.run_id}
     assert sorted(int(r.data.tags["job.num"]) for r in children) == [0, 1, 2]
+
+
+def test_ctrl_c_ends_an_asynchronous_search_whose_jobs_run_elsewhere():
+    """Ctrl-C while every trial slot waits for a job that runs elsewhere (SLURM): the kernel may hand SIGINT to a
+    slot's thread, so the sweep's thread must wake up to take it; it then asks the launcher to interrupt its waits
+    (the SLURM launcher cancels the jobs) and no slot claims another trial."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from hydra_plugins.madminer_sweeper import _async
+
+    class Launcher:  # each launch waits until interrupted, as the SLURM launcher waits for a job on the cluster
+        def __init__(self):
+            self.stop, self.launched = threading.Event(), []
+
+        def launch(self, overrides, initial_job_idx):
+            self.launched.append(initial_job_idx)
+            if len(self.launched) == 2:  # both slots wait: Ctrl-C from a slot's thread
+                signal.raise_signal(signal.SIGINT)
+            if not self.stop.wait(timeout=30):
+                raise AssertionError("not interrupted within 30 s")
+            raise KeyboardInterrupt
+
+        def interrupt(self):
+            self.stop.set()
+
+    study = optuna.create_study()
+    claims = _async.Claims(study, {}, n_trials=6, scope="invocation", shared=None)
+    launcher = Launcher()
+    sweeper = SimpleNamespace(n_jobs=2, launcher=launcher, validate_batch_is_legal=lambda batch: None)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _async.run(sweeper, claims, build=lambda trial: [], tell=lambda trial, ret: (None, False),
+                   on_over_budget=lambda error: None)
+    assert time.monotonic() - start < 10 and launcher.stop.is_set()
+    assert sorted(launcher.launched) == [0, 1] and claims.stopped.is_set()  # no third trial

@@ -101,6 +101,49 @@ def test_a_job_that_slurm_ends_is_one_failed_child_while_the_others_finish(slurm
     assert children[1].data.tags["error"].startswith(f"SlurmJobEnded: SLURM ended job {job} (CANCELLED")
 
 
+def test_ctrl_c_of_a_slurm_sweep_cancels_its_jobs(slurm, tmp_path, test_cache):
+    """Ctrl-C in the sweep's terminal while its array trains: the array is cancelled (nothing keeps running on the
+    cluster for a sweep that is gone), one line says so, and the command ends non-zero."""
+    import signal
+
+    sweep = tmp_path / "sw"
+    env = dict(os.environ, MADMINER_SWEEPER_CACHE=str(test_cache), PYTHONUNBUFFERED="1")
+    sweeper = subprocess.Popen(
+        [sys.executable, "-m", "app", "-m", *QUICK, *ONE_NODE, "training.n_epochs=100000,100001", "tracking=disabled",
+         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, states, array = time.monotonic() + 600, [], None
+        while states.count("RUNNING") < 2 or not all(_trains(sweep / f"{i}") for i in (0, 1)):
+            assert time.monotonic() < deadline and sweeper.poll() is None, states
+            time.sleep(1)
+            tasks = [p.name for p in (sweep / ".submitit").glob("*_*") if re.fullmatch(r"\d+_\d+", p.name)]
+            if tasks:
+                array = tasks[0].split("_")[0]
+                states = _squeue(array)
+        sweeper.send_signal(signal.SIGINT)
+        out, err = sweeper.communicate(timeout=120)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+    assert sweeper.returncode != 0
+    assert f"interrupted: cancelled SLURM job array {array} (2 of its 2 job(s) had not returned)" in out + err
+    deadline = time.monotonic() + 60
+    while set(_squeue(array)) & {"RUNNING", "PENDING", "COMPLETING"}:  # SLURM ends the tasks within seconds
+        assert time.monotonic() < deadline, _squeue(array)
+        time.sleep(1)
+    assert set(_squeue(array)) <= {"CANCELLED"}
+
+
+def _trains(job_dir: Path) -> bool:
+    return any("epoch" in _text(log) for log in job_dir.glob("*.log"))
+
+
+def _squeue(array: str) -> list[str]:
+    done = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", array, "-o", "%T"], capture_output=True, text=True,
+                          timeout=60)
+    return done.stdout.split()
+
+
 def _query(url: str, sql: str) -> list[tuple]:
     import psycopg2
 

@@ -131,6 +131,38 @@ def test_a_job_that_slurm_ends_is_one_failed_job_and_the_others_return(tmp_path,
     assert returns[1].overrides == ["a=1"]
 
 
+def test_ctrl_c_cancels_the_jobs_that_have_not_returned(tmp_path, monkeypatch, caplog):
+    """Ctrl-C while waiting (in the sweep's thread, or interrupt() from another thread: the asynchronous sweeper's
+    slots): the array is cancelled when a job has not returned, and the interrupt goes on to the sweeper."""
+    import threading
+
+    finished = JobReturn(overrides=["a=0"], status=JobStatus.COMPLETED)
+    jobs = [_Job(tmp_path, "9_0", finished), _Job(tmp_path, "9_1")]
+    cancelled = []
+    monkeypatch.setattr(slurm_launcher, "squeue", lambda ids: {i: ("RUNNING", "None") for i in ids})
+    monkeypatch.setattr(slurm_launcher, "cancel", cancelled.append)
+    event = threading.Event()
+
+    def ctrl_c(_):
+        raise KeyboardInterrupt
+
+    for sleep, interrupted in ((ctrl_c, None), (lambda _: event.set(), event)):  # Ctrl-C / interrupt()
+        cancelled.clear()
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                slurm_launcher.wait(jobs, [["a=0"], ["a=1"]], poll_s=0, sleep=sleep, interrupted=interrupted)
+            except KeyboardInterrupt:
+                slurm_launcher.cancel_unreturned("9", jobs)  # what launch() does
+                raise
+        assert cancelled == ["9"]
+    assert "interrupted: cancelled SLURM job array 9 (1 of its 2 job(s) had not returned)" in caplog.text
+
+    jobs[1].paths.result_pickle.write_text("done")  # every job returned: nothing to cancel
+    cancelled.clear()
+    slurm_launcher.cancel_unreturned("9", jobs)
+    assert cancelled == []
+
+
 class _Client:
     def __init__(self, runs):
         self.runs, self.batches, self.ended, self.filters = runs, [], [], []

@@ -25,6 +25,7 @@ from typing import Any
 from app.store.files import locked, sqlite_path
 
 log = logging.getLogger(__name__)
+WAKE_S = 0.5  # how often the sweep's thread wakes up while the trial slots run
 
 
 class Claims:
@@ -118,11 +119,19 @@ def run(sweeper: Any, claims: Claims, build: Any, tell: Any, on_over_budget: Any
                     on_over_budget(error)
 
     with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="trial-slot") as pool:
-        futures = [pool.submit(worker) for _ in range(slots)]
+        futures = []
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            futures.extend(pool.submit(worker) for _ in range(slots))
+            # in slices: a Ctrl-C that the kernel hands to a slot's thread reaches this (main) thread's handler only
+            # once it wakes up, and a wait without a timeout never does
+            done, pending = wait(futures, timeout=WAKE_S, return_when=FIRST_EXCEPTION)
+            while pending and not any(f.exception() is not None for f in done):
+                done, pending = wait(futures, timeout=WAKE_S, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C in the sweep's thread: no slot claims another trial
             claims.stopped.set()
+            interrupt = getattr(sweeper.launcher, "interrupt", None)
+            if callable(interrupt):  # a launcher whose jobs outlive this process (SLURM) cancels them
+                interrupt()
             raise
         for future in done:
             if future.exception() is not None:

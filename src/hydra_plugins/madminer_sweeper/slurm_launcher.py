@@ -8,9 +8,11 @@ launcher passes), then waits for each job: a job whose result file exists gives 
 ``squeue`` shows ended (or no longer shows) without one, or PENDING for a reason that never clears
 (``PartitionConfig``: more than the partition has), is cancelled if need be and becomes a FAILED ``JobReturn`` whose
 error says so in one line. The sweepers record it as any failed job, and the tracking callback closes its MLflow run,
-which its killed process left RUNNING. Hydra instantiates only the launchers its plugin scan found, so this module is
-scanned with the others: it imports Hydra, OmegaConf and Hydra's submitit plugin (which the scan imports anyway);
-submitit itself is imported when a sweep launches.
+which its killed process left RUNNING. Ctrl-C (or ``interrupt()`` from another thread: the asynchronous sweeper's
+trial slots each wait in a thread) cancels the array's jobs that have not returned (``scancel``) before the sweep
+ends, so nothing keeps running on the cluster for a sweep that is gone. Hydra instantiates only the launchers its
+plugin scan found, so this module is scanned with the others: it imports Hydra, OmegaConf and Hydra's submitit
+plugin (which the scan imports anyway); submitit itself is imported when a sweep launches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +52,20 @@ class SlurmJobEnded(RuntimeError):
 
 
 class TolerantSlurmLauncher(SlurmLauncher):
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.interrupted = threading.Event()
+
+    def __getstate__(self) -> dict:  # the launcher is pickled as each SLURM job's callable: the event stays here
+        return {k: v for k, v in self.__dict__.items() if k != "interrupted"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, interrupted=threading.Event())
+
+    def interrupt(self) -> None:
+        """End every ``launch`` waiting in another thread as Ctrl-C would (its unfinished jobs cancelled)."""
+        self.interrupted.set()
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit  # on use, as Hydra's launcher does: the plugin scan stays fast
 
@@ -67,15 +84,33 @@ class TolerantSlurmLauncher(SlurmLauncher):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             calls.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         jobs = executor.map_array(self, *zip(*calls))
-        log.info("SLURM job array %s: %d job(s), output in %s", jobs[0].job_id.split("_")[0], len(jobs), sweep_dir)
-        return wait(jobs, [list(o) for o in job_overrides])
+        array = str(jobs[0].job_id).split("_")[0]
+        log.info("SLURM job array %s: %d job(s), output in %s", array, len(jobs), sweep_dir)
+        try:
+            return wait(jobs, [list(o) for o in job_overrides], interrupted=self.interrupted)
+        except KeyboardInterrupt:
+            cancel_unreturned(array, jobs)
+            raise
 
 
-def wait(jobs: Sequence[Any], overrides: list[list[str]], poll_s: float = POLL_S, sleep=time.sleep) -> list[JobReturn]:
-    """Each job's ``JobReturn``: its result, or a FAILED one for a job that SLURM ended or will never start."""
+def cancel_unreturned(array: str, jobs: Sequence[Any]) -> None:
+    """Ctrl-C: cancel the array (``scancel`` leaves its ended tasks as they are) when any job has not returned."""
+    left = [job for job in jobs if not job.paths.result_pickle.exists()]
+    if left:
+        cancel(array)
+        log.warning("interrupted: cancelled SLURM job array %s (%d of its %d job(s) had not returned)", array,
+                    len(left), len(jobs))
+
+
+def wait(jobs: Sequence[Any], overrides: list[list[str]], poll_s: float = POLL_S, sleep=time.sleep,
+         interrupted: threading.Event | None = None) -> list[JobReturn]:
+    """Each job's ``JobReturn``: its result, or a FAILED one for a job that SLURM ended or will never start. Raises
+    KeyboardInterrupt when ``interrupted`` is set (checked at each poll)."""
     returns: dict[int, JobReturn] = {}
     ended: dict[int, float] = {}  # when squeue first showed the job ended without a result
     while len(returns) < len(jobs):
+        if interrupted is not None and interrupted.is_set():
+            raise KeyboardInterrupt
         states = squeue([job.job_id for i, job in enumerate(jobs) if i not in returns])  # before the result files
         for i, job in enumerate(jobs):
             if i in returns:
