@@ -204,6 +204,21 @@ def _end_tracking(status: str, error: BaseException | None) -> None:
         sys.modules["app.tracking.callback"].end_active_run(status, error)
 
 
+def _interrupted_in_one_line(previous):
+    """An uncaught Ctrl-C prints one line, not the traceback of wherever the command was waiting (HYDRA_FULL_ERROR=1
+    keeps the traceback); the process still ends by SIGINT, as Python ends on an uncaught KeyboardInterrupt. The
+    tracking callback's hook (a sweep's parent run ends KILLED) wraps this one."""
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt) and not _full_error():
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    return hook
+
+
 def main() -> None:
     """``madminer-sweep`` / ``python -m app``: Hydra reads the command line, composes the config, runs :func:`task`."""
+    sys.excepthook = _interrupted_in_one_line(sys.excepthook)
     task()
