@@ -221,7 +221,8 @@ def postgres_db():
 
 
 # Test servers only record runs: without MLflow's job runner (eight more processes and ~25 s of CPU at each start).
-SERVER_ENV = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+def server_env() -> dict:
+    return dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # the environment at the server's start
 
 
 @pytest.fixture
@@ -233,7 +234,7 @@ def mlflow_server(tmp_path, postgres_db):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", backend,
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), env=SERVER_ENV,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), env=server_env(),
     )
     uri = f"http://127.0.0.1:{port}"
     try:

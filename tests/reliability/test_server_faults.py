@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_ENV, TINY, free_port
+from conftest import TINY, free_port, server_env
 
 
 class Server:
@@ -31,7 +31,7 @@ class Server:
              "--backend-store-uri", self.backend, "--artifacts-destination", str(self.tmp / "artifacts"),
              "--workers", "1"],
             cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=open(self.tmp / "server.log", "a"), start_new_session=True,
-            env=SERVER_ENV)
+            env=server_env())
         deadline = time.time() + 120
         while True:
             try:
