@@ -35,10 +35,12 @@ def stream(device: str = "cuda") -> bool:
     loaded (stream=False); with external validation data the two must train identically."""
     import numpy as np
     import torch
-    from madminer.ml import ParameterizedRatioEstimator
 
-    from app.ml import fasttrain
+    from app.ml import fasttrain  # first: app's import installs the Python 3.12 shim that MadMiner's uproot3 needs
     from app.toy import simulator
+
+    # isort: split
+    from madminer.ml import ParameterizedRatioEstimator
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from trainer import ratio_samples
