@@ -80,7 +80,7 @@ else
 fi
 
 echo "== 5. tests/test_fasttrain.py, test_fasttrain_scale.py, test_gpu_per_job.py"
-"$PY" -m pytest tests/test_fasttrain.py tests/test_fasttrain_scale.py tests/test_gpu_per_job.py -q -x \
+"$PY" -m pytest tests/test_fasttrain.py tests/test_fasttrain_scale.py tests/test_gpu_per_job.py -n 0 -q -x \
     -p no:cacheprovider 2>&1 | tail -3 || failed+=("tests")
 echo "logs: $out"
 if ((${#failed[@]})); then

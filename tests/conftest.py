@@ -178,15 +178,24 @@ def physics_file() -> Path:
 
 
 SERVICE_FIXTURES = {"postgres_db", "mlflow_server"}  # PostgreSQL at 127.0.0.1:5432, a real `mlflow server`
+# The slow tier's longest tests (30-90 s each on 2 cores, `--durations`), started first: pytest-xdist hands tests out
+# in collection order, and one of these started last kept one worker busy for a minute after the other had ended.
+LONGEST_FIRST = (
+    "test_yadage.py::test_local_run", "test_server_faults.py::test_eight", "test_secrets.py::test_secrets_stay_out",
+    "test_faults.py::test_ctrl_c", "test_slurm.py::test_slurm_tasks", "test_correctness.py::test_mlproject",
+    "test_sweeps.py::test_two_sweep_processes", "test_faults.py::test_kill_9",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
 def pytest_collection_modifyitems(items):
     """The tiers (README, Tests): a test that needs PostgreSQL or an MLflow server is in the ``services`` tier,
-    whichever fixture brings it; ``slow`` and ``docker`` are marked where the test is."""
+    whichever fixture brings it; ``slow`` and ``docker`` are marked where the test is. The longest tests first."""
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+    items.sort(key=lambda item: next((i for i, key in enumerate(LONGEST_FIRST) if key in item.nodeid),
+                                     len(LONGEST_FIRST)))
 
 
 def free_port() -> int:

@@ -72,7 +72,7 @@ run_test() {
       return 0 ;;
     built*)
       start=$(date +%s)
-      MADMINER_SWEEPER_DOCKER_TEST=1 pytest -m docker -q -p no:cacheprovider || rc=$?
+      MADMINER_SWEEPER_DOCKER_TEST=1 pytest -m docker -n 0 -q -p no:cacheprovider || rc=$?
       echo "container test: image built in ${state#built } s, workflow run in $(( $(date +%s) - start )) s"
       stop_daemon
       return "$rc" ;;
