@@ -37,7 +37,7 @@ yadage-validate:
 
 # The build context holds only what the image needs: no host configuration or credentials.
 image-context:
-	rm -rf build/image && mkdir -p build/image/wheelhouse
+	rm -rf build/image && mkdir -p build/image
 	cp -r pyproject.toml README.md conf src build/image/
 	find build/image -name __pycache__ -prune -exec rm -rf {} +
 	cp workflow/Dockerfile build/image/Dockerfile
@@ -63,8 +63,11 @@ base-image-offline:
 
 image-offline: wheelhouse image-context
 	@docker image inspect $(OFFLINE_BASE) >/dev/null 2>&1 || $(MAKE) base-image-offline
-	cp -l build/wheelhouse/*.whl build/image/wheelhouse/ 2>/dev/null || cp build/wheelhouse/*.whl build/image/wheelhouse/
-	docker build --network host --build-arg BASE=$(OFFLINE_BASE) -t $(IMAGE) build/image
+	port=$$($(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	$(PYTHON) -m http.server "$$port" --bind 127.0.0.1 --directory build/wheelhouse >/dev/null 2>&1 & server=$$!; \
+	trap 'kill $$server' EXIT; \
+	for _ in $$(seq 50); do $(PYTHON) -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$$port/')" 2>/dev/null && break; sleep 0.1; done; \
+	docker build --network host --build-arg BASE=$(OFFLINE_BASE) --build-arg WHEELS=http://127.0.0.1:$$port/ -t $(IMAGE) build/image
 
 # REANA runs every step in a container: the resolved workflow with every step docker-encapsulated in IMAGE.
 reana-spec:
