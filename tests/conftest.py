@@ -27,19 +27,16 @@ TINY = [
 ]
 
 
-def share_the_cores() -> int:
-    """pytest-xdist workers split the cores as the joblib launcher's jobs do (``pipeline._share_cores``): each worker,
-    and every process its tests start, gets cores // workers intra-op threads. With every torch and BLAS using all
-    cores, a waiting thread spins while the other worker's threads hold the cores: 13 trainer comparisons took 110
-    CPU-s on two workers instead of 26 (docs/performance.md, "The test suite's time"). A thread count set by the
-    user is kept."""
+def share_the_cores() -> None:
+    """pytest-xdist workers split the cores as the joblib launcher's jobs do (``app.ml.device.share_cores``): each
+    worker, and every process its tests start, gets cores // workers intra-op threads. With every torch and BLAS
+    using all cores, a waiting thread spins while the other worker's threads hold the cores: 13 trainer comparisons
+    took 110 CPU-s on two workers instead of 26 (docs/performance.md, "The test suite's time")."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, workers))
     if workers > 1:
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ.setdefault(name, str(threads))
-    return threads
+        from app.ml import device
+
+        device.share_cores(workers)
 
 
 share_the_cores()  # at import, before any test module imports torch or NumPy

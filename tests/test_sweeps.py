@@ -309,6 +309,25 @@ def test_joblib_jobs_share_the_cores(run_app, tmp_path):
     assert len(logs) == 2 and all(line in log.read_text() for log in logs), proc.out
 
 
+def test_processes_at_once_split_the_cores():
+    """What each joblib job and each pytest-xdist worker gets (app.ml.device.share_cores): cores // processes threads
+    in its torch (imported already), its BLAS (loaded already) and the environment of the processes it starts."""
+    code = ("import os, json, torch, numpy; from threadpoolctl import threadpool_info; from app.ml import device; "
+            "before = torch.get_num_threads(); threads = device.share_cores(2); "
+            "print(json.dumps([before, threads, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], "
+            "sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'})]))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}  # the machine's own defaults
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, threads, torch_threads, omp, blas = json.loads(proc.stdout)
+    cores = len(os.sched_getaffinity(0))
+    assert before == cores and threads == torch_threads == max(1, cores // 2) and omp == str(threads)
+    assert blas in ([], [threads])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # tests/conftest.py does the same for workers
+    if workers > 1:
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, cores // workers))
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher(run_app, tmp_path):
     run_app("-m", *TINY, "stage=sample", "sampling.seed=1,2", "hydra/launcher=submitit_local",

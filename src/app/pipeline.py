@@ -325,25 +325,14 @@ def _job_num(hydra_cfg) -> int:
 
 
 def _share_cores(hydra_cfg) -> None:
-    """Parallel jobs of one machine (joblib launcher) split its cores: jobs x threads <= cores.
-
-    Otherwise every job's torch and BLAS use all cores and the jobs slow each other down.
-    """
+    """Parallel jobs of one machine (joblib launcher) split its cores: jobs x threads <= cores."""
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
     if "joblib" not in target:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n_jobs = int(OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=-1) or -1)
+    cores = device.usable_cores()
     n_jobs = cores if n_jobs <= 0 else n_jobs
-    threads = max(1, cores // max(1, n_jobs))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    threads = device.share_cores(n_jobs)
     log.info("joblib launcher: %d jobs on %d cores, %d thread(s) per job", n_jobs, cores, threads)
 
 

@@ -28,6 +28,31 @@ from app.ml import madminer_patches
 from app.store.files import first_free_slot
 
 SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")  # the GPUs of a SLURM allocation, as SLURM numbers them
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a SLURM task's or a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def share_cores(n_jobs: int) -> int:
+    """``n_jobs`` processes at once on this machine split its cores: each gets cores // n_jobs intra-op threads
+    (torch, BLAS), for itself and for the processes it starts (the environment). Returns that number.
+
+    Otherwise every process's torch and BLAS use all cores, and their idle threads spin while the other processes
+    hold the cores (docs/performance.md, "The test suite's time": 4x the CPU for the same work on two cores)."""
+    threads = max(1, usable_cores() // max(1, n_jobs))
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)  # BLAS libraries loaded already; the environment covers later ones
+    if "torch" in sys.modules:  # torch reads OMP_NUM_THREADS when it is imported
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
 
 
 def resolve(requested: str) -> str:
