@@ -312,16 +312,17 @@ def test_joblib_jobs_share_the_cores(run_app, tmp_path):
 def test_processes_at_once_split_the_cores():
     """What each joblib job and each pytest-xdist worker gets (app.ml.device.share_cores): cores // processes threads
     in its torch (imported already), its BLAS (loaded already) and the environment of the processes it starts."""
+    cores = len(os.sched_getaffinity(0))
+    start = str(max(1, cores // 2) + 1)  # thread counts other than the split's, so that a no-op cannot pass
     code = ("import os, json, torch, numpy; from threadpoolctl import threadpool_info; from app.ml import device; "
-            "before = torch.get_num_threads(); threads = device.share_cores(2); "
-            "print(json.dumps([before, threads, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], "
+            f"torch.set_num_threads({start}); threads = device.share_cores(2); "
+            "print(json.dumps([threads, torch.get_num_threads(), [os.environ[v] for v in device.THREAD_VARIABLES], "
             "sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'})]))")
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}  # the machine's own defaults
+    env = dict(os.environ, OMP_NUM_THREADS=start, MKL_NUM_THREADS=start, OPENBLAS_NUM_THREADS=start)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    before, threads, torch_threads, omp, blas = json.loads(proc.stdout)
-    cores = len(os.sched_getaffinity(0))
-    assert before == cores and threads == torch_threads == max(1, cores // 2) and omp == str(threads)
+    threads, torch_threads, variables, blas = json.loads(proc.stdout)
+    assert threads == torch_threads == max(1, cores // 2) and variables == [str(threads)] * 3
     assert blas in ([], [threads])
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # tests/conftest.py does the same for workers
     if workers > 1:
